@@ -1,0 +1,56 @@
+"""Shared test helpers: fake datasets in the real on-disk formats, and a CLI runner."""
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"  # real MNIST (10k train, 2.5k test), when present
+sys.path.insert(0, str(ROOT))
+
+
+def write_idx_mnist(root: Path, n_train=256, n_test=64, seed=0):
+    """MNIST in torchvision's raw layout (uncompressed IDX), with crude digit-like blobs."""
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        imgs = np.zeros((n, 28, 28), np.uint8)
+        for i, lab in enumerate(labels):  # a bright bar whose position encodes the label
+            imgs[i, 4:24, 2 + 2 * lab : 6 + 2 * lab] = 255
+        with open(raw / f"{prefix}-images-idx3-ubyte", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + imgs.tobytes())
+        with open(raw / f"{prefix}-labels-idx1-ubyte", "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + labels.tobytes())
+    return Path(root)
+
+
+@pytest.fixture
+def fake_mnist(tmp_path):
+    return write_idx_mnist(tmp_path / "data")
+
+
+def run(script, *args, check=True, timeout=300, env=None):
+    """Run a repository script as a user would; on failure show its output."""
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
+                       text=True, timeout=timeout, cwd=ROOT, env=e)  # fmt: skip
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {args} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def assert_one_line_error(p, *words):
+    """The contract for bad input: exit code 2, one line on stderr, no traceback."""
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
+    for w in words:
+        assert w in lines[0], (w, lines[0])

@@ -1,0 +1,109 @@
+"""common.py: config parsing, atomic checkpoints, EMA, resumable batches, the nan guard."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import common
+
+
+@dataclasses.dataclass
+class Cfg(common.Config):
+    beta: float = 0.5  # a model knob
+    ema: bool = False  # another
+
+
+def test_parse_flags_both_spellings_and_bools(capsys):
+    c = common.parse(
+        Cfg, "x", ["--batch-size", "64", "--log_every=7", "--compile", "--no-amp", "--beta", "2"]
+    )
+    assert (c.batch_size, c.log_every, c.compile, c.amp, c.beta, c.out) == (
+        64,
+        7,
+        True,
+        False,
+        2.0,
+        "runs/x",
+    )
+    with pytest.raises(SystemExit) as e:
+        common.parse(Cfg, "x", ["-h"])
+    h = capsys.readouterr().out
+    assert (
+        e.value.code == 0
+        and "--no-compile" in h
+        and "a model knob (default: 0.5)" in h
+        and "--batch-size" in h
+    )
+
+
+def test_save_ckpt_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    common.save_ckpt(path, {"step": 1, "w": torch.ones(3)})
+    real_save = torch.save
+
+    def crash(obj, f):  # the process dies half-way through writing the new checkpoint
+        f.write(b"garbage")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_ckpt(path, {"step": 2, "w": torch.zeros(3)})
+    assert (tmp_path / "ckpt.pt.tmp").read_bytes() == b"garbage"
+    assert common.load_ckpt(path)["step"] == 1  # the previous checkpoint is intact
+    monkeypatch.setattr(torch, "save", real_save)
+    common.save_ckpt(path, {"step": 3, "w": torch.zeros(3)})  # a later save replaces the garbage
+    assert common.load_ckpt(path)["step"] == 3 and not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def test_load_ckpt_strips_compile_prefix_and_rejects_garbage(tmp_path, capsys):
+    common.save_ckpt(tmp_path / "c.pt", {"step": 0, "model": {"_orig_mod.w": torch.ones(1)}})
+    assert list(common.load_ckpt(tmp_path / "c.pt")["model"]) == ["w"]
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        common.load_ckpt(tmp_path / "bad.pt")
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_ema_follows_the_closed_form():
+    m = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(m.weight)
+    ema = common.EMA(m, decay=0.9)
+    expected = 0.0
+    for step in range(20):
+        m.weight.data.fill_(float(step + 1))
+        ema.update(m, step)
+        d = min(0.9, (1 + step) / (10 + step))
+        expected = d * expected + (1 - d) * (step + 1)
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
+    assert not ema.module.weight.requires_grad
+
+
+def test_batches_resume_mid_epoch_and_range():
+    x = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1) * 25
+    y = torch.arange(10)
+    a = common.Batches(x, y, 4, seed=3, device=torch.device("cpu"))
+    seq = [next(a)[1].tolist() for _ in range(5)]  # 2 batches per epoch: crosses epochs
+    assert all(len(s) == 4 and len(set(s)) == 4 for s in seq) and seq[0] != seq[2]
+    b = common.Batches(x, y, 4, seed=3, device=torch.device("cpu"))
+    for _ in range(3):
+        next(b)
+    c = common.Batches(x, y, 4, seed=3, device=torch.device("cpu"))
+    c.load_state_dict(b.state_dict())
+    assert [next(c)[1].tolist() for _ in range(2)] == seq[3:]
+    xb, yb = next(a)
+    assert (
+        xb.min() >= -1
+        and xb.max() <= 1
+        and torch.allclose(xb.flatten(), yb.float() * 25 / 127.5 - 1)
+    )
+
+
+def test_logger_nan_guard_exits_1(tmp_path, capsys):
+    log = common.Logger(common.Config(out=str(tmp_path), steps=10), 0)
+    log.add(loss=torch.tensor(0.5))
+    assert log.check(1) == {"loss": 0.5}
+    log.add(loss=torch.tensor(float("inf")))
+    with pytest.raises(SystemExit) as e:
+        log.log(2)
+    assert e.value.code == 1 and "not finite" in capsys.readouterr().err
