@@ -1,0 +1,110 @@
+"""evaluate.py: metrics against closed forms and constructed sets; the classifier on real digits."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA, assert_one_line_error, run
+
+import evaluate as E
+
+
+def gaussian(n, mu, var, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, len(mu), generator=g, dtype=torch.float64) * torch.tensor(
+        var
+    ).sqrt() + torch.tensor(mu)
+
+
+def test_fid_self_is_zero_and_matches_gaussian_closed_form():
+    f = gaussian(5000, [0.0] * 4, [1.0] * 4, 0)
+    assert abs(E.fid(f, f)) < 1e-8
+    mu1, mu2, v1, v2 = (
+        [0.0, 1.0, 0.0, 2.0],
+        [0.5, 1.0, -1.0, 2.0],
+        [1.0, 2.0, 0.5, 1.0],
+        [2.0, 1.0, 0.5, 4.0],
+    )
+    closed = sum((a - b) ** 2 for a, b in zip(mu1, mu2)) + sum(
+        a + b - 2 * math.sqrt(a * b) for a, b in zip(v1, v2)
+    )
+    f1, f2 = gaussian(200000, mu1, v1, 1), gaussian(200000, mu2, v2, 2)
+    assert E.fid(f1, f2) == pytest.approx(closed, rel=0.02)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))  # FID is rotation invariant:
+    assert E.fid(f1 @ q, f2 @ q) == pytest.approx(closed, rel=0.02)  # non-diagonal covariances
+
+
+def test_kid_zero_for_same_distribution_positive_otherwise():
+    a, b = gaussian(3000, [0.0] * 8, [1.0] * 8, 0), gaussian(3000, [0.0] * 8, [1.0] * 8, 1)
+    c = gaussian(3000, [0.5] * 8, [1.0] * 8, 2)
+    assert abs(E.kid(a, b)) < 0.01 < E.kid(a, c)
+
+
+def test_precision_recall_on_constructed_sets():
+    real = gaussian(1000, [0.0, 0.0], [1.0, 1.0], 0)
+    same = gaussian(1000, [0.0, 0.0], [1.0, 1.0], 1)
+    collapsed = gaussian(1000, [0.0, 0.0], [1e-4, 1e-4], 2)  # every sample at the mode
+    far = gaussian(1000, [6.0, 6.0], [1.0, 1.0], 3)
+    p, r = E.precision_recall(real, same)
+    assert p > 0.9 and r > 0.9
+    p, r = E.precision_recall(real, collapsed)
+    assert p > 0.99 and r < 0.1  # a collapsed set: high precision, low recall
+    p, r = E.precision_recall(real, far)
+    assert p < 0.05 and r < 0.05
+
+
+def test_classifier_scores_closed_forms():
+    uniform = torch.eye(10, dtype=torch.float64).repeat(10, 1)  # confident, all 10 labels equally
+    s = E.classifier_scores(uniform, labels=torch.arange(10).repeat(10))
+    assert s["is"] == pytest.approx(10) and s["label_entropy"] == pytest.approx(math.log(10))
+    assert s["confidence"] == 1 and s["cond_acc"] == 1
+    one = torch.zeros(50, 10, dtype=torch.float64)
+    one[:, 3] = 1
+    s = E.classifier_scores(one)
+    assert s["is"] == pytest.approx(1) and s["label_entropy"] == pytest.approx(0)
+
+
+def test_malformed_samples_are_one_line_errors(tmp_path):
+    np.savez(tmp_path / "bad.npz", np.zeros((4, 28, 28), np.float32))
+    off = ["--no-download", "--data-dir", tmp_path]
+    assert_one_line_error(run("evaluate.py", tmp_path / "bad.npz", *off, check=False), "uint8")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    assert_one_line_error(
+        run("evaluate.py", tmp_path / "junk.npz", *off, check=False), "cannot read"
+    )
+    assert_one_line_error(
+        run("evaluate.py", tmp_path / "missing.npz", *off, check=False), "no such file"
+    )
+    np.savez(tmp_path / "ok.npz", np.zeros((4, 28, 28, 1), np.uint8))
+    assert_one_line_error(
+        run("evaluate.py", tmp_path / "ok.npz", *off, check=False), "cannot load mnist"
+    )
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
+def test_real_digits_floor_and_a_collapsed_set(tmp_path):
+    cache = ["--cache-dir", tmp_path / "cache", "--dataset", "mnist", "--data-dir", SHARED_DATA]
+    score = lambda *a, **k: json.loads(
+        run("evaluate.py", *a, *cache, **k).stdout.strip().splitlines()[-1]
+    )
+    real = score("--real", timeout=600, env={"OMP_NUM_THREADS": "2"})  # trains the feature CNN
+    assert float(real["features"].split("test acc ")[1].rstrip(")")) >= 0.98  # the classifier
+    assert real["label_entropy"] > 2.25 and real["recall"] > 0.8
+    import torchvision
+
+    x = torchvision.datasets.MNIST(str(SHARED_DATA), train=False).data.numpy()
+    np.savez(
+        tmp_path / "one.npz", np.repeat(x[:1, :, :, None], 1000, 0)
+    )  # 1,000 copies of one digit
+    rgb = np.repeat(x[:1000].repeat(2, 1).repeat(2, 2)[..., None], 3, -1)  # 56x56 RGB real digits
+    np.savez(tmp_path / "rgb.npz", rgb)
+    one, ok = score(tmp_path / "one.npz"), score(tmp_path / "rgb.npz")
+    assert one["fid"] > 10 * real["fid"] and one["recall"] < 0.05 and one["label_entropy"] < 0.1, (
+        one
+    )
+    assert ok["fid"] < 3 * real["fid"] and ok["label_entropy"] > 2.2, (
+        ok
+    )  # resizing keeps real digits real
+    assert len(open(tmp_path / "metrics.jsonl").readlines()) == 2
