@@ -1,0 +1,21 @@
+"""bench.py runs end to end on a tiny configuration and reports every column."""
+
+import json
+
+from conftest import assert_one_line_error, run
+
+
+def test_bench_tiny_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    run("bench.py", "--tiny", "--image-size", 28, "--channels", 1, "--batch-size", 4, "--sample-batch", 2,
+        "--warmup", 1, "--iters", 1, "--device", "cpu", "--out", out)  # fmt: skip
+    r = json.load(open(out))
+    row = r["rows"][0]
+    assert row["model"] == "ddpm_ddim.UNet" and row["params_M"] == 0.63
+    assert all(row[k] > 0 for k in ("train_img_s", "ddim50_img_s", "ddpm1000_img_s"))
+    assert r["info"]["shape"] == [1, 28, 28]
+
+
+def test_bench_bad_input():
+    assert_one_line_error(run("bench.py", "--models", "nope", check=False), "no benchmark for nope")
+    assert_one_line_error(run("bench.py", "--image-size", 30, check=False), "--image-size 30")
