@@ -327,6 +327,7 @@ def bits_per_dim(nats: torch.Tensor, dims: int) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # training
 def build_model(cfg: Config, in_ch: int, size: int) -> UNet:
+    """The U-Net for this image size and these flags; an unsupported size is a one-line error."""
     if size not in UNET:
         common.die(
             f"image size {size} does not fit the U-Net (supported: {sorted(UNET)}); set --image-size"
@@ -337,6 +338,7 @@ def build_model(cfg: Config, in_ch: int, size: int) -> UNet:
 
 
 def check_choices(cfg: Config):
+    """String flags with a fixed set of values: a wrong one is a one-line error before any work."""
     for name, allowed in [
         ("schedule", ("linear", "cosine")),
         ("var", ("large", "small")),
@@ -357,6 +359,7 @@ def eps_fn(model, autocast):
 
 
 def train(cfg: Config):
+    """Train eps_theta with L_simple (Alg. 1); returns the raw model and its EMA copy."""
     device, autocast = common.setup(cfg)
     x, y = common.load_images(cfg, train=True)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -389,8 +392,8 @@ def train(cfg: Config):
         lr = cfg.lr * min(1.0, (step + 1) / warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        x0 = next(data)[0].contiguous(memory_format=fmt)
-        with autocast:
+        x0 = next(data)[0].contiguous(memory_format=fmt)  # Alg. 1 line 2: x_0 ~ q(x_0)
+        with autocast:  # lines 3-5: t, eps, and the gradient of |eps - eps_theta(x_t, t)|^2
             loss = p_losses(net, sched, x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -422,6 +425,7 @@ def train(cfg: Config):
 # -----------------------------------------------------------------------------
 # sampling and evaluation from a checkpoint (EMA weights)
 def load_trained(cfg: Config):
+    """The EMA model of <out>/ckpt.pt, built from the flags it was trained with."""
     ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt")
     fields = {f.name for f in dataclasses.fields(Config)}
     mcfg = Config(
@@ -441,6 +445,7 @@ def load_trained(cfg: Config):
 
 
 def sample(cfg: Config):
+    """--sample N: N images from the EMA model into <out>/samples.npz and samples.png."""
     model, sched, eps, ck, device = load_trained(cfg)
     g = torch.Generator(device).manual_seed(cfg.seed)
     xs = []
@@ -458,6 +463,7 @@ def sample(cfg: Config):
 
 
 def nll(cfg: Config):
+    """--nll N: the variational bound in bits/dim on the first N test images."""
     model, sched, eps, ck, device = load_trained(cfg)
     cfg.image_size = ck["shape"][-1]
     x, _ = common.load_images(cfg, train=False)
