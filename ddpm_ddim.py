@@ -337,15 +337,17 @@ def build_model(cfg: Config, in_ch: int, size: int) -> UNet:
     return UNet(in_ch, ch, mult, blocks, attn, cfg.dropout, size)
 
 
-def check_choices(cfg: Config):
-    """String flags with a fixed set of values: a wrong one is a one-line error before any work."""
-    for name, allowed in [
-        ("schedule", ("linear", "cosine")),
-        ("var", ("large", "small")),
-        ("sampler", ("ddim", "ddpm")),
-    ]:
+def check_flags(cfg: Config):
+    """Flags with a fixed set or range of values: a wrong one is a one-line error before any work."""
+    for name, allowed in [("schedule", ("linear", "cosine")), ("var", ("large", "small")),
+                          ("sampler", ("ddim", "ddpm"))]:  # fmt: skip
         if getattr(cfg, name) not in allowed:
             common.die(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    for name, lo in [("steps", 0), ("batch_size", 1), ("T", 2), ("sample", 0), ("nll", 0)]:
+        if getattr(cfg, name) < lo:
+            common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
+    if not 1 <= cfg.sample_steps <= cfg.T:
+        common.die(f"--sample-steps {cfg.sample_steps}: must be between 1 and T={cfg.T}")
 
 
 def eps_fn(model, autocast):
@@ -447,6 +449,8 @@ def load_trained(cfg: Config):
 def sample(cfg: Config):
     """--sample N: N images from the EMA model into <out>/samples.npz and samples.png."""
     model, sched, eps, ck, device = load_trained(cfg)
+    if cfg.sample_steps > len(sched["betas"]):  # the trained model's T, which may differ from --T
+        common.die(f"--sample-steps {cfg.sample_steps}: this model has T={len(sched['betas'])}")
     g = torch.Generator(device).manual_seed(cfg.seed)
     xs = []
     for i in range(0, cfg.sample, cfg.batch_size):
@@ -492,7 +496,7 @@ def nll(cfg: Config):
 
 if __name__ == "__main__":
     cfg = common.parse(Config, "ddpm_ddim")
-    check_choices(cfg)
+    check_flags(cfg)
     if not (cfg.sample or cfg.nll):
         train(cfg)
     elif os.environ.get("RANK", "0") == "0":  # sampling and --nll run in one process

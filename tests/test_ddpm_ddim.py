@@ -302,6 +302,8 @@ def test_cli_bad_input(fake_mnist, tmp_path):
     assert_one_line_error(cli("--dataset", "imagenet21k"), "unknown dataset")
     assert_one_line_error(cli("--tiny", *data, "--image-size", 30), "image size 30")
     assert_one_line_error(cli("--sampler", "euler"), "--sampler")
+    assert_one_line_error(cli("--sample", -5), "--sample -5")
+    assert_one_line_error(cli("--sample-steps", 0), "--sample-steps 0")
     run("ddpm_ddim.py", *TINY, *data, "--out", out, "--steps", 1)
     # resuming with other model flags is a mismatch, not a crash
     assert_one_line_error(cli("--batch-size", 16, *data, "--steps", 2, "--resume"), "does not fit")
