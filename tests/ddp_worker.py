@@ -1,5 +1,7 @@
-"""Run by torchrun in the DDP test: train as ddpm_ddim.py would, then save this rank's weights."""
+"""Run by torchrun in the DDP tests: `ddp_worker.py MODULE flags...` trains as MODULE.py would,
+then saves this rank's weights (and buffers) to <out>/rank{r}.pt."""
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -7,8 +9,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
-import ddpm_ddim  # noqa: E402
 
-cfg = common.parse(ddpm_ddim.Config, "ddpm_ddim")
-model, _ = ddpm_ddim.train(cfg)
+mod = importlib.import_module(sys.argv.pop(1))
+cfg = common.parse(mod.Config, mod.__name__)
+model = getattr(mod, "train_vqvae", getattr(mod, "train", None))(cfg)
+model = model[0] if isinstance(model, tuple) else model  # ddpm_ddim.train returns (model, ema)
 torch.save(model.state_dict(), Path(cfg.out) / f"rank{common.rank()}.pt")

@@ -350,7 +350,7 @@ def test_sigterm_saves_at_a_step_boundary_and_exits_zero(fake_mnist, tmp_path):
 def test_ddp_two_gloo_ranks_stay_identical(fake_mnist, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "ddp_worker.py"), *TINY, "--data-dir", str(fake_mnist), "--out", str(out),
+           str(ROOT / "tests" / "ddp_worker.py"), "ddpm_ddim", *TINY, "--data-dir", str(fake_mnist), "--out", str(out),
            "--steps", "3", "--ckpt-every", "2"]  # fmt: skip
     p = subprocess.run(
         cmd,
@@ -375,7 +375,7 @@ def test_ddp_two_gloo_ranks_stay_identical(fake_mnist, tmp_path):
 def test_learns_on_real_digits(tmp_path):
     """A few hundred --tiny steps on real MNIST bring L_simple far below its starting value."""
     run("ddpm_ddim.py", "--tiny", "--data-dir", SHARED_DATA, "--out", tmp_path, "--steps", 200, "--batch-size", 32,
-            "--lr", "1e-3", "--log-every", 25, "--sample-every", 0, env={"OMP_NUM_THREADS": "2"}, timeout=600)  # fmt: skip
+            "--lr", "1e-3", "--log-every", 25, "--sample-every", 0, timeout=600)  # fmt: skip
     ls = losses(tmp_path)
     assert ls[25] > 0.3 and ls[200] < 0.35 * ls[25], ls
 
