@@ -139,10 +139,101 @@ def time_eps_model(name, net, args, device, autocast, sched):
 
 def bench_ddpm(args, device, autocast):
     sched = ddpm_ddim.make_schedule(1000, "linear", device=device)
-    return [time_eps_model(n, net, args, device, autocast, sched) for n, net in ddpm_nets(args)]
+    rows = [time_eps_model(n, net, args, device, autocast, sched) for n, net in ddpm_nets(args)]
+    return rows, ddpm_ratios(rows)
 
 
-BENCHES = {"ddpm_ddim": bench_ddpm}
+def ddpm_ratios(rows):
+    return [f"ours/{r['model']}: training {rows[0]['train_img_s'] / r['train_img_s']:.2f}x, "
+            f"DDIM-50 sampling {rows[0]['ddim50_img_s'] / r['ddim50_img_s']:.2f}x" for r in rows[1:]]  # fmt: skip
+
+
+# -----------------------------------------------------------------------------
+# the autoencoders: whole training steps and samplers, and the quantizer beside its peer
+def train_rate(net, loss_fn, x, args, device, autocast):
+    """Images/s of one Adam step of loss_fn(net, x), as the training loops run it."""
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+    fwd = torch.compile(net) if args.compile else net
+
+    def step():
+        with autocast:
+            loss = loss_fn(fwd, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    timed(step, device, args.warmup)
+    return round(len(x) / timed(step, device, args.iters), 1)
+
+
+def bench_vae(args, device, autocast):
+    import vae
+
+    net = vae.VAE(args.channels, 16 if args.tiny else 32, 8 if args.tiny else 32, args.image_size).to(device)  # fmt: skip
+    x = torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, device=device).bernoulli()  # fmt: skip
+    rate = train_rate(net, lambda m, x: vae.loss_terms(m, x, "bernoulli")[0], x, args, device, autocast)  # fmt: skip
+    z = torch.randn(args.sample_batch, net.decoder.fc[0].in_features, device=device)
+    with torch.inference_mode():
+        t = timed(lambda: vae.decoder_mean(net.decoder(z), "bernoulli"), device, args.iters)
+    return [{"model": "vae.VAE", "params_M": round(sum(p.numel() for p in net.parameters()) / 1e6, 2),
+             "train_img_s": rate, "sample_img_s": round(args.sample_batch / t, 1)}], []  # fmt: skip
+
+
+def bench_vqvae(args, device, autocast):
+    """The quantizer alone (forward + backward, training mode) at K=512, D=64 on the latent grid
+    of this image size, ours beside vector-quantize-pytorch's VectorQuantize configured to the
+    same method; then a whole VQ-VAE step, a prior step, and prior sampling."""
+    import torch.nn.functional as F
+
+    import vqvae
+
+    h = args.image_size // 4
+    z_e = torch.randn(args.batch_size, 64, h, h, device=device, requires_grad=True)
+    quantizers = [("vqvae.VectorQuantizer ema", vqvae.VectorQuantizer(512, 64, ema=True)),
+                  ("vqvae.VectorQuantizer eq3", vqvae.VectorQuantizer(512, 64))]  # fmt: skip
+    if args.peers:
+        try:  # EMA decay 0.99, commitment 0.25, dead codes below 1 use restarted, plain straight-through
+            from vector_quantize_pytorch import VectorQuantize
+
+            kw = dict(dim=64, codebook_size=512, decay=0.99, commitment_weight=0.25, accept_image_fmap=True,
+                      threshold_ema_dead_code=1, rotation_trick=False)  # fmt: skip
+            quantizers.insert(1, ("vector_quantize_pytorch ema", VectorQuantize(**kw)))
+            quantizers.append(("vector_quantize_pytorch learnable", VectorQuantize(**kw, learnable_codebook=True, ema_update=False)))  # fmt: skip
+        except ImportError:
+            print("peer vector-quantize-pytorch not installed: pip install vector-quantize-pytorch")
+    rows = []
+    for name, q in quantizers:
+        q, ours = q.to(device).train(), name.startswith("vqvae")
+
+        def step(q=q, ours=ours):
+            out = q(z_e)  # ours: (z_q, loss, idx, stats); theirs: (z_q, idx, loss)
+            z_q, loss = out[0], out[1] if ours else out[2]
+            (z_q.float().square().mean() + loss.sum()).backward()
+
+        timed(step, device, args.warmup)
+        rows.append({"model": name, "quantizer_fwd_bwd_img_s": round(args.batch_size / timed(step, device, args.iters), 1)})  # fmt: skip
+    ratios = [f"ours/{b['model']}: quantizer forward+backward {a['quantizer_fwd_bwd_img_s'] / b['quantizer_fwd_bwd_img_s']:.2f}x"
+              for a, b in zip(rows[::2], rows[1::2]) if len(rows) == 4]  # fmt: skip
+    ch, res = (32, 16) if args.tiny else (128, 32)
+    net = vqvae.VQVAE(args.channels, ch, res, 512, 64).to(device)
+    x = torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, device=device) * 2 - 1  # fmt: skip
+
+    def vq_loss(m, x):
+        x_hat, codebook_commit, _, _ = m(x)
+        return F.mse_loss(x_hat.float(), x) + codebook_commit
+
+    prior = vqvae.CodePrior(512, h * h, *((64, 2, 4) if args.tiny else (256, 6, 8))).to(device)
+    k = torch.randint(512, (args.batch_size, h * h), device=device)
+    prior_loss = lambda m, k: F.cross_entropy(m(k).flatten(0, 1).float(), k.flatten())
+    with torch.inference_mode():
+        t = timed(lambda: net.decode(vqvae.sample_codes(prior.eval(), args.sample_batch, h * h, device=device).view(-1, h, h)), device, 1)  # fmt: skip
+    rows.append({"model": "vqvae.VQVAE + CodePrior", "train_img_s": train_rate(net, vq_loss, x, args, device, autocast),
+                 "prior_train_img_s": train_rate(prior.train(), prior_loss, k, args, device, autocast),
+                 "sample_img_s": round(args.sample_batch / t, 1)})  # fmt: skip
+    return rows, ratios
+
+
+BENCHES = {"ddpm_ddim": bench_ddpm, "vae": bench_vae, "vqvae": bench_vqvae}  # each: (rows, ratios)
 
 
 def main(argv=None):
@@ -181,15 +272,16 @@ def main(argv=None):
     info = {"device": f"{device.type}: {name}", "threads": torch.get_num_threads(), "torch": torch.__version__,
             "bf16": device.type == "cuda" and args.amp, "compile": args.compile, "tiny": args.tiny, "channels_last": args.channels_last,
             "batch": args.batch_size, "shape": [args.channels, args.image_size, args.image_size]}  # fmt: skip
-    rows = [r for m in args.models.split(",") for r in BENCHES[m](args, device, autocast)]
     print(json.dumps(info))
-    cols = list(rows[0])
-    print(" | ".join(f"{c:>14}" if i else f"{c:<34}" for i, c in enumerate(cols)))
-    for r in rows:
-        print(" | ".join(f"{str(r[c]):>14}" if i else f"{r[c]:<34}" for i, c in enumerate(cols)))
-    for r in rows[1:]:
-        print(f"ours/{r['model']}: training {rows[0]['train_img_s'] / r['train_img_s']:.2f}x, "
-              f"DDIM-50 sampling {rows[0]['ddim50_img_s'] / r['ddim50_img_s']:.2f}x")  # fmt: skip
+    rows = []
+    for m in args.models.split(","):
+        part, ratios = BENCHES[m](args, device, autocast)
+        cols = list(dict.fromkeys(k for r in part for k in r))  # a table per model file
+        print(" | ".join(f"{c:>14}" if i else f"{c:<34}" for i, c in enumerate(cols)))
+        for r in part:
+            print(" | ".join(f"{str(r.get(c, '')):>14}" if i else f"{r[c]:<34}" for i, c in enumerate(cols)))  # fmt: skip
+        print("\n".join(ratios))
+        rows += part
     with open(args.out, "w") as f:
         json.dump({"info": info, "rows": rows}, f, indent=1)
     return rows

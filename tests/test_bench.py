@@ -16,6 +16,19 @@ def test_bench_tiny_smoke(tmp_path):
     assert r["info"]["shape"] == [1, 28, 28]
 
 
+def test_bench_autoencoders_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    run("bench.py", "--models", "vae,vqvae", "--tiny", "--image-size", 28, "--channels", 1, "--batch-size", 4,
+        "--sample-batch", 2, "--warmup", 1, "--iters", 1, "--device", "cpu", "--out", out)  # fmt: skip
+    rows = {r["model"]: r for r in json.load(open(out))["rows"]}
+    assert rows["vae.VAE"]["train_img_s"] > 0 and rows["vae.VAE"]["sample_img_s"] > 0
+    assert rows["vqvae.VectorQuantizer ema"]["quantizer_fwd_bwd_img_s"] > 0
+    assert all(
+        rows["vqvae.VQVAE + CodePrior"][k] > 0
+        for k in ("train_img_s", "prior_train_img_s", "sample_img_s")
+    )
+
+
 def test_bench_bad_input():
     assert_one_line_error(run("bench.py", "--models", "nope", check=False), "no benchmark for nope")
     assert_one_line_error(run("bench.py", "--image-size", 30, check=False), "--image-size 30")
