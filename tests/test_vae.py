@@ -128,6 +128,22 @@ def test_cli_train_resume_exact_sample_and_nll(fake_mnist, tmp_path):
     r = json.loads(run("vae.py", "--out", a, "--nll", 20, "--nll-n", 6, "--data-dir", fake_mnist).stdout.splitlines()[-1])  # fmt: skip
     assert r["n"] == 6 and r["K"] == 20 and r["log_px_iwae"] >= r["elbo"]
     assert r["nll_bpd"] == pytest.approx(r["nll_nats"] / (784 * math.log(2)))
+    # the discretized Gaussian decoder (the RGB default) trains and has a likelihood in bits/dim
+    g = tmp_path / "gauss"
+    run(
+        "vae.py",
+        *TINY,
+        "--data-dir",
+        fake_mnist,
+        "--out",
+        g,
+        "--steps",
+        2,
+        "--likelihood",
+        "gaussian",
+    )
+    r = json.loads(run("vae.py", "--out", g, "--nll", 4, "--nll-n", 2, "--data-dir", fake_mnist).stdout.splitlines()[-1])  # fmt: skip
+    assert r["likelihood"] == "gaussian" and r["log_px_iwae"] >= r["elbo"] and r["nll_bpd"] > 0
     # the plain AE trains without a KL term
     run("vae.py", *TINY, "--data-dir", fake_mnist, "--out", tmp_path / "ae", "--steps", 2, "--ae")
     assert all(r["kl"] == 0 for r in logs(tmp_path / "ae").values())
