@@ -155,6 +155,7 @@ def decoder_mean(out, likelihood: str):
 def loss_terms(model, x01, likelihood: str, beta=1.0, ae=False):
     """Per-batch means of -log p(x|z), KL and the loss -(log p(x|z) - beta KL); --ae: no KL."""
     out, mu, logvar, log_scale = model(x01, ae)
+    out, mu, logvar = out.float(), mu.float(), logvar.float()  # the objective in float32
     rec = -log_px(x01, out, likelihood, log_scale).mean()  # a 1-sample estimate
     kl = torch.zeros_like(rec) if ae else gaussian_kl(mu, logvar).mean()
     return rec + beta * kl, rec, kl
@@ -163,7 +164,7 @@ def loss_terms(model, x01, likelihood: str, beta=1.0, ae=False):
 @torch.no_grad()
 def iwae_bound(model, x01, K: int, likelihood: str, chunk: int = 256):
     """Per image: (IWAE bound log 1/K sum_k w_k, ELBO mean_k log w_k), w_k = p(x, z_k) / q(z_k|x),
-    z_k ~ q(z|x) (Burda et al. Eq. 8). By Jensen IWAE >= ELBO for the same draws; K = 1 is the ELBO."""
+    z_k ~ q(z|x) (Burda et al. Sec. 3). By Jensen IWAE >= ELBO for the same draws; K = 1 is the ELBO."""
     mu, logvar = model.encoder(x01 * 2 - 1)  # (B, z)
     logw = []
     for k0 in range(0, K, chunk):
@@ -172,7 +173,8 @@ def iwae_bound(model, x01, K: int, likelihood: str, chunk: int = 256):
         out = model.decoder(z.flatten(0, 1))  # (k*B, C, H, W)
         xk = x01.expand(k, *x01.shape).flatten(0, 1)
         lpx = log_px(xk, out, likelihood, model.log_scale).view(k, -1)  # (k, B)
-        logw.append(lpx + log_normal(z, 0 * z, 0 * z) - log_normal(z, mu, logvar))
+        log_pz = -0.5 * (math.log(2 * math.pi) + z.pow(2)).sum(-1)  # log N(z; 0, I)
+        logw.append(lpx + log_pz - log_normal(z, mu, logvar))  # log p(x|z) + log p(z) - log q(z|x)
     logw = torch.cat(logw)  # (K, B)
     return torch.logsumexp(logw, 0) - math.log(K), logw.mean(0)
 
@@ -255,7 +257,7 @@ def train(cfg: Config):
         print(f"vae: {kind}, {like}, {n / 1e6:.2f}M params, {len(x)} images {tuple(x.shape[1:])}, {device}, from step {start}")  # fmt: skip
     for step in range(start, cfg.steps):
         x01 = prepare(next(data)[0], like)  # a minibatch, binarized anew each time (Bernoulli)
-        with autocast:  # -ELBO = -log p(x|z) + KL, one z per image (Eq. 7 with L = 1)
+        with autocast:  # -ELBO = -log p(x|z) + KL, one z per image (Eq. 10 with L = 1)
             loss, rec, kl = loss_terms(net, x01, like, cfg.beta, cfg.ae)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -309,7 +311,7 @@ def nll(cfg: Config):
     x = common.load_images(cfg, train=False)[0]
     x = x[: cfg.nll_n or len(x)]
     g = torch.Generator().manual_seed(cfg.seed)  # one fixed binarization of the test set
-    x01 = x.float() / 255
+    x01 = to_unit(x.float() / 127.5 - 1)  # uint8 -> the loader's [-1, 1] -> [0, 1]
     x01 = binarize(x01, g) if like == "bernoulli" else x01
     iw, el = [], []
     for xb in x01.split(max(1, 1024 // min(cfg.nll, 256))):  # decoder calls of about 1024 images

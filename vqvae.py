@@ -40,6 +40,7 @@ import common
 class Config(common.Config):
     stage: str = "vqvae"  # vqvae (encoder, codebook, decoder) | prior (needs stage 1 in --out)
     steps: int = 20000  # optimizer steps of this stage
+    lr: float = 2e-4  # Adam (the paper: 2e-4, batch 128, 250k steps)
     # stage 1 (widths of the reference CIFAR-10 example; the paper used 256 hidden units)
     ch: int = 128  # hidden channels; --tiny: 32
     res_ch: int = 32  # residual block bottleneck; --tiny: 16
@@ -120,7 +121,7 @@ class VectorQuantizer(nn.Module):
         self.K, self.D, self.beta, self.ema = K, D, beta, ema
         self.decay, self.dead_threshold, self.eps = decay, dead_threshold, eps
         embed = torch.randn(K, D)
-        if ema:  # e_i = m_i / N_i, both running averages (App. A.1, Eq. 6-8)
+        if ema:  # e_i = m_i / N_i, both running averages (App. A.1)
             self.register_buffer("embed", embed)
             self.register_buffer("embed_sum", embed.clone())  # m_i
         else:
@@ -133,8 +134,8 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(z_e.device.type, enabled=False):  # argmin and EMA in float32
             flat = z_e.float().permute(0, 2, 3, 1).reshape(-1, D)  # (BHW, D)
             with torch.no_grad():  # |z - e|^2 = |z|^2 - 2 z.e + |e|^2; |z|^2 is the same for all e
-                idx = (self.embed.pow(2).sum(1) - 2 * flat @ self.embed.t()).argmin(1)  # Eq. 2
-            z_q = F.embedding(idx, self.embed)  # (BHW, D): rows of the codebook (Eq. 1)
+                idx = (self.embed.pow(2).sum(1) - 2 * flat @ self.embed.t()).argmin(1)  # Eq. 1
+            z_q = F.embedding(idx, self.embed)  # (BHW, D): rows of the codebook (Eq. 2)
             codebook, commit = vq_losses(flat, z_q)
             loss = self.beta * commit + (0 if self.ema else codebook)
             counts = torch.bincount(idx, minlength=self.K).float()
@@ -150,17 +151,15 @@ class VectorQuantizer(nn.Module):
     def update(self, flat, idx, counts):
         """EMA codebook step (App. A.1) and dead-code restarts; returns counts over all ranks."""
         counts, g = sum_over_ranks(counts), 1 - self.decay
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=g)  # N_i <- gN_i + (1-g) n_i (Eq. 6)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=g)  # N_i <- gN_i + (1-g) n_i
         if self.ema:
             sums = sum_over_ranks(torch.zeros_like(self.embed).index_add_(0, idx, flat))
-            self.embed_sum.mul_(self.decay).add_(
-                sums, alpha=g
-            )  # m_i <- g m_i + (1-g) sum z (Eq. 7)
+            self.embed_sum.mul_(self.decay).add_(sums, alpha=g)  # m_i <- g m_i + (1-g) sum z
             n = (
                 self.cluster_size.sum()
             )  # Laplace smoothing keeps N_i > 0 (Sonnet's VectorQuantizerEMA)
             N = (self.cluster_size + self.eps) / (n + self.K * self.eps) * n
-            self.embed.copy_(self.embed_sum / N[:, None])  # e_i = m_i / N_i (Eq. 8)
+            self.embed.copy_(self.embed_sum / N[:, None])  # e_i = m_i / N_i
         dead = self.cluster_size < self.dead_threshold
         if dead.any():  # move each dead code onto a random encoder output (rank 0's, for all)
             new = flat[torch.randint(len(flat), (int(dead.sum()),), device=flat.device)]
