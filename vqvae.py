@@ -150,14 +150,13 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def update(self, flat, idx, counts):
         """EMA codebook step (App. A.1) and dead-code restarts; returns counts over all ranks."""
-        counts, g = sum_over_ranks(counts), 1 - self.decay
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=g)  # N_i <- gN_i + (1-g) n_i
+        counts, gamma = sum_over_ranks(counts), self.decay
+        self.cluster_size.mul_(gamma).add_(counts, alpha=1 - gamma)  # N_i <- g N_i + (1 - g) n_i
         if self.ema:
             sums = sum_over_ranks(torch.zeros_like(self.embed).index_add_(0, idx, flat))
-            self.embed_sum.mul_(self.decay).add_(sums, alpha=g)  # m_i <- g m_i + (1-g) sum z
-            n = (
-                self.cluster_size.sum()
-            )  # Laplace smoothing keeps N_i > 0 (Sonnet's VectorQuantizerEMA)
+            self.embed_sum.mul_(gamma).add_(sums, alpha=1 - gamma)  # m_i <- g m_i + (1 - g) sum z
+            # Laplace smoothing keeps every N_i > 0 (as Sonnet's VectorQuantizerEMA)
+            n = self.cluster_size.sum()
             N = (self.cluster_size + self.eps) / (n + self.K * self.eps) * n
             self.embed.copy_(self.embed_sum / N[:, None])  # e_i = m_i / N_i
         dead = self.cluster_size < self.dead_threshold
