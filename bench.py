@@ -4,13 +4,16 @@ Speed: training and sampling throughput of each model file, optionally beside pe
   python bench.py                                   # ddpm_ddim at the paper's CIFAR-10 size
   python bench.py --device cuda --compile --peers   # + denoising-diffusion-pytorch and diffusers
   python bench.py --tiny --image-size 28 --channels 1
+  python bench.py --models vae,vqvae --peers --image-size 28 --channels 1   # + vector-quantize-pytorch
 
 Training img/s: one full optimizer step as the training loop runs it (loss under autocast,
 backward, grad clip, AdamW, EMA update) on a batch already on the device, timed after warm-up
 with the device synchronised. Sampling img/s: DDIM-50 as run by ddpm_ddim.ddim_sample; DDPM-1000
 is timed on 50 of its steps (every step costs the same) and scaled to 1000. Peers run the very
 same loss, optimizer and samplers, so only the network differs. Peak memory: CUDA only.
-Writes bench.json beside the table.
+vae / vqvae: a whole Adam step of each model, decoding and prior sampling, and the vector
+quantizer alone (forward + backward in training mode) beside vector-quantize-pytorch's
+VectorQuantize set to the same method. Writes bench.json beside the tables.
 """
 
 import argparse
