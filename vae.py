@@ -283,6 +283,10 @@ def train(cfg: Config):
 def load_trained(cfg: Config):
     """The model of <out>/ckpt.pt, built from the flags it was trained with, and its checkpoint."""
     ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt")
+    if (
+        not {"model", "shape", "likelihood", "config"} <= ck.keys()
+    ):  # e.g. another script's checkpoint
+        common.die(f"{cfg.out}/ckpt.pt is not a vae.py checkpoint")
     fields = {f.name for f in dataclasses.fields(Config)}
     mcfg = Config(**{k: v for k, v in ck["config"].items() if k in fields})  # the trained flags
     device, _ = common.setup(cfg)

@@ -287,6 +287,8 @@ def model_config(ck: dict, key="config") -> Config:
 def load_stage1(cfg: Config, device):
     """Stage 1 from <out>/ckpt.pt (a stage-1 or a prior checkpoint): (model, its config, ckpt)."""
     ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt")
+    if not {"model", "shape", "config"} <= ck.keys():  # e.g. another script's checkpoint
+        common.die(f"{cfg.out}/ckpt.pt is not a vqvae.py checkpoint")
     vcfg = model_config(ck, "vq_config" if ck.get("stage") == "prior" else "config")
     vq = build_vqvae(vcfg, ck["shape"][0], ck["shape"][-1]).to(device).eval()
     common.load_state(vq, ck["model"], "VQ-VAE")

@@ -162,6 +162,8 @@ def test_cli_bad_input(fake_mnist, tmp_path):
     assert_one_line_error(cli("--tiny", *data, "--image-size", 30), "image size 30")
     run("vae.py", *TINY, *data, "--out", out, "--steps", 1)
     assert_one_line_error(cli(*data, "--steps", 2, "--resume"), "does not fit")  # not --tiny
+    torch.save({"step": 1, "model": {}}, out / "ckpt.pt")  # loads, but is not this script's
+    assert_one_line_error(cli("--sample", 4), "not a vae.py checkpoint")
     (out / "ckpt.pt").write_bytes(b"garbage")
     assert_one_line_error(cli("--sample", 4), "corrupted")
 

@@ -173,6 +173,8 @@ def test_cli_bad_input(fake_mnist, tmp_path):
         cli(*TINY, *data, "--stage", "prior", "--steps", 1, "--resume"), "no prior yet"
     )
     assert_one_line_error(cli(*data, "--steps", 2, "--resume"), "does not fit")  # not --tiny
+    torch.save({"step": 1, "model": {}}, out / "ckpt.pt")  # loads, but is not this script's
+    assert_one_line_error(cli("--sample", 4), "not a vqvae.py checkpoint")
     (out / "ckpt.pt").write_bytes(b"garbage")
     assert_one_line_error(cli("--eval", *data), "corrupted")
 
