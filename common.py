@@ -261,9 +261,12 @@ def checkpoint(cfg, step: int, data: Batches, **state):
         save_ckpt(Path(cfg.out) / "ckpt.pt", dict(ck, config=dataclasses.asdict(cfg)))
 
 
-def resume(cfg, data: Batches) -> dict:
-    """Load <out>/ckpt.pt, restore the data position and this rank's RNG streams; return it."""
+def resume(cfg, data: Batches, need=()) -> dict:
+    """Load <out>/ckpt.pt (with the keys in `need`), restore the data position and this rank's RNG
+    streams; return it."""
     ck = load_ckpt(Path(cfg.out) / "ckpt.pt")
+    if not {"data", "rng", *need} <= ck.keys():
+        die(f"{cfg.out}/ckpt.pt is not a {Path(sys.argv[0]).name} checkpoint")
     data.load_state_dict(ck["data"])
     if len(ck["rng"]) == world():  # another world size cannot replay the same streams
         s, as_tensor = (

@@ -1,0 +1,498 @@
+"""
+Conditional GANs. cGAN: Mirza & Osindero 2014 (arXiv:1411.1784), with the projection discriminator
+of Miyato & Koyama 2018 (arXiv:1802.05637). pix2pix: Isola et al. 2017 (arXiv:1611.07004).
+
+Both condition the minimax game of Goodfellow et al. (Eq. 1) on side information c:
+min_G max_D E[log D(x, c)] + E[log(1 - D(G(z, c), c))]. Shared: D returns logits and the losses
+are BCE-with-logits; G takes the non-saturating loss; one D step on reals and detached fakes, then
+one G step through the updated, frozen D; Adam 2e-4 (0.5, 0.999); BatchNorm eps 1e-5.
+--task cgan: c is a class label. G is a DCGAN on [z, embedding(y)]; D is a DCGAN with a projection
+head, D(x, y) = psi(phi(x)) + e_y . phi(x) (Miyato & Koyama Eq. 3), chosen over concatenating the
+label to D's input or features because it is the form the optimal D takes when p(y | x) is
+log-linear in the features (their Sec. 3), it cannot ignore the label the way a concatenated
+input can, and the paper measured better class fidelity with it; it costs one embedding.
+--task pix2pix: c is an input image. G is a U-Net (skips at every scale, dropout as the noise z);
+D is a PatchGAN on (input, output) pairs that classifies each 70x70 patch; G minimises
+L_cGAN + lambda L_L1 (Eq. 4, lambda = 100), D's loss is halved, and the learning rate decays
+linearly to 0 over the second half. At test time G runs as in training (dropout on, batch
+statistics), as the paper does. Images are in [-1, 1]. Left out: the image pool, spectral norm.
+
+  python cgan_pix2pix.py --data-dir ../shared/data                    # class-conditional MNIST
+  python cgan_pix2pix.py --task pix2pix --data-dir ../shared/data     # built-in mnist-edges
+  python cgan_pix2pix.py --task pix2pix --dataset aligned --data-dir datasets/facades \\
+      --batch-size 1 --steps 80000 --direction BtoA                   # the paper's facades setup
+  python cgan_pix2pix.py --sample 100                                 # 10 per class, labels in arr_1
+"""
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+# -----------------------------------------------------------------------------
+# config
+@dataclasses.dataclass
+class Config(common.Config):
+    task: str = "cgan"  # cgan | pix2pix
+    dataset: str = ""  # cgan: as common (default mnist); pix2pix: mnist-edges (default) | aligned
+    steps: int = 10000
+    batch_size: int = 64  # pix2pix paper: 1 (facades) to 10; 64 suits 32x32 digits
+    lr: float = 2e-4  # Adam, both nets (DCGAN; pix2pix Sec. 3.3)
+    beta1: float = 0.5
+    beta2: float = 0.999
+    z_dim: int = 100  # cgan
+    emb_dim: int = 50  # cgan: label embedding concatenated with z
+    ngf: int = 64  # G's base width; --tiny: 16
+    ndf: int = 64  # D's base width; --tiny: 16
+    lambda_l1: float = 100.0  # pix2pix Eq. 4
+    direction: str = "AtoB"  # pix2pix: AtoB | BtoA (which half of each pair is the input)
+    patch: int = 0  # PatchGAN receptive field 16|34|70|142|286; 0: 70 from 128 px, else <= size/2
+    load_size: int = 0  # aligned: resize to this before the random crop; 0: size * 286 / 256
+
+
+# -----------------------------------------------------------------------------
+# model: building blocks
+def bn(c: int) -> nn.BatchNorm2d:
+    # keywords: BatchNorm2d(c, 0.8), common in copied GAN code, sets eps = 0.8, not the momentum
+    return nn.BatchNorm2d(c, eps=1e-5, momentum=0.1)
+
+
+def init_weights(m: nn.Module):
+    """DCGAN / pix2pix: weights from N(0, 0.02); BatchNorm scales from N(1, 0.02), shifts 0."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+def stages(size: int):
+    """DCGAN (stride-2 stages, start size): 28 -> (2, 7), 32 -> (3, 4), 64 -> (4, 4); or None."""
+    n = int(math.log2(size)) - 2 if size >= 16 else 0
+    return (n, size >> n) if n and size % 2**n == 0 else None
+
+
+# -----------------------------------------------------------------------------
+# model: the class-conditional DCGAN
+class ConditionalGenerator(nn.Module):
+    """(z (B, z_dim), y (B,)) -> image (B, C, S, S): a DCGAN generator on [z, embedding(y)]."""
+
+    def __init__(self, z_dim=100, n_classes=10, emb_dim=50, out_ch=1, ngf=64, size=28):
+        super().__init__()
+        n, s0 = stages(size)
+        c = ngf * 2 ** (n - 1)
+        layers = [nn.ConvTranspose2d(z_dim + emb_dim, c, s0, 1, 0, bias=False), bn(c), nn.ReLU(True)]  # fmt: skip
+        for _ in range(n - 1):  # (B, c, s, s) -> (B, c/2, 2s, 2s)
+            layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), bn(c // 2), nn.ReLU(True)]  # fmt: skip
+            c //= 2
+        self.net = nn.Sequential(*layers, nn.ConvTranspose2d(c, out_ch, 4, 2, 1), nn.Tanh())
+        self.apply(init_weights)
+        self.embed = nn.Embedding(n_classes, emb_dim)  # default N(0, 1) init: as loud as z
+
+    def forward(self, z, y):
+        h = torch.cat([z, self.embed(y)], 1)  # (B, z_dim + emb_dim)
+        return self.net(h[:, :, None, None])
+
+
+class ProjectionDiscriminator(nn.Module):
+    """(x, y) -> logit (B,): DCGAN features phi(x), then psi(phi) + e_y . phi (Miyato & Koyama Eq. 3)."""
+
+    def __init__(self, in_ch=1, ndf=64, size=28, n_classes=10):
+        super().__init__()
+        n, s0 = stages(size)
+        layers, c = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf  # no BN here
+        for _ in range(n - 1):
+            layers += [nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False), bn(2 * c), nn.LeakyReLU(0.2, True)]  # fmt: skip
+            c *= 2
+        self.features = nn.Sequential(*layers)  # phi(x): (B, c, s0, s0)
+        self.psi = nn.Conv2d(c, 1, s0)  # the unconditional logit: DCGAN's last layer
+        self.embed = nn.Embedding(n_classes, c * s0 * s0)  # V: one vector per class in phi's space
+        self.apply(init_weights)
+
+    def forward(self, x, y):
+        h = self.features(x)
+        return self.psi(h).view(-1) + (self.embed(y) * h.flatten(1)).sum(1)  # (B,)
+
+
+# -----------------------------------------------------------------------------
+# model: pix2pix's U-Net and PatchGAN (Isola et al. Sec. 3.2 and App. 6.1)
+def widths(ngf: int, n: int) -> list[int]:
+    return [ngf * min(2**i, 8) for i in range(n)]  # C64-C128-C256-C512-C512-... (App. 6.1.1)
+
+
+class UNetGenerator(nn.Module):
+    """x (B, in_ch, S, S) -> (B, out_ch, S, S): an encoder halving S down to 1x1 (log2 S levels)
+    and a mirrored decoder that concatenates the encoder's features at every scale."""
+
+    def __init__(self, in_ch=3, out_ch=3, ngf=64, size=256, n_dropout=3):
+        super().__init__()
+        n = int(math.log2(size))
+        w = widths(ngf, n)
+        self.down = nn.ModuleList([nn.Conv2d(in_ch, w[0], 4, 2, 1)])  # no BN on the first layer
+        for i in range(1, n):  # the 1x1 bottleneck has no BN: a batch of 1 would zero it
+            norm = [bn(w[i])] if i < n - 1 else []
+            self.down.append(nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(w[i - 1], w[i], 4, 2, 1, bias=not norm), *norm))  # fmt: skip
+        self.up = nn.ModuleList()
+        for j, i in enumerate(reversed(range(1, n))):  # innermost first: 1x1 -> 2x2 -> ...
+            c_in = w[i] if j == 0 else 2 * w[i]  # decoder features + the encoder's skip
+            drop = [nn.Dropout(0.5)] if j < n_dropout else []  # the first 3 decoder layers (CD512)
+            self.up.append(nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(c_in, w[i - 1], 4, 2, 1, bias=False), bn(w[i - 1]), *drop))  # fmt: skip
+        self.up.append(nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(2 * w[0], out_ch, 4, 2, 1), nn.Tanh()))  # fmt: skip
+        self.apply(init_weights)
+
+    def forward(self, x):
+        skips = []
+        for d in self.down:
+            x = d(x)
+            skips.append(x)  # (B, w_i, S / 2^(i+1), S / 2^(i+1))
+        x = self.up[0](skips.pop())  # the bottleneck has no skip of its own
+        for u in self.up[1:]:
+            x = u(torch.cat([x, skips.pop()], 1))  # the skip at this scale
+        return x
+
+
+class PatchDiscriminator(nn.Module):
+    """(y, x) -> a map of logits, one per overlapping patch of (x, y) (Sec. 3.2.2). n_layers 3 is
+    C64-C128-C256-C512 with a 70x70 receptive field; 1, 2, 4, 5 give 16, 34, 142, 286."""
+
+    def __init__(self, in_ch=6, ndf=64, n_layers=3):
+        super().__init__()
+        layers, c = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf  # no BN here
+        for i in range(1, n_layers + 1):  # stride 2, then one stride-1 layer before the output
+            c2 = ndf * min(2**i, 8)
+            layers += [nn.Conv2d(c, c2, 4, 2 if i < n_layers else 1, 1, bias=False), bn(c2), nn.LeakyReLU(0.2, True)]  # fmt: skip
+            c = c2
+        self.net = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
+        self.apply(init_weights)
+
+    def forward(self, y, x):
+        return self.net(torch.cat([x, y], 1))  # (B, 1, P, P) logits: conditioned on the input x
+
+
+def receptive_field(net: nn.Module) -> int:
+    """The input window one output unit sees, from the conv stack: r <- (r - 1) stride + kernel."""
+    r = 1
+    for m in reversed([m for m in net.modules() if isinstance(m, nn.Conv2d)]):
+        r = (r - 1) * m.stride[0] + m.kernel_size[0]
+    return r
+
+
+PATCH = {16: 1, 34: 2, 70: 3, 142: 4, 286: 5}  # receptive field -> PatchGAN n_layers
+
+
+# -----------------------------------------------------------------------------
+# method: losses on D's logits (means over the batch and, for PatchGAN, over patches), the steps
+def d_loss(real, fake):
+    """-V(D, G) = -E log D(x, c) - E log(1 - D(G(z, c), c)): BCE, target 1 on reals, 0 on fakes."""
+    return F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))  # fmt: skip
+
+
+def g_loss(fake):
+    """The non-saturating G loss -E log D(G(z, c), c) (Goodfellow et al. Sec. 3)."""
+    return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+
+
+def l1_loss(fake, target):
+    """L_L1(G) = E |y - G(x, z)|_1 (pix2pix Eq. 3), as a mean over pixels and the batch."""
+    return (fake - target).abs().mean()
+
+
+def d_step(D, opt_d, real, fake, c, scale=1.0, autocast=None):
+    """One D step on (real, c) and detached (fake, c); pix2pix passes scale 0.5 (Sec. 3.3)."""
+    with autocast or contextlib.nullcontext():
+        real_l, fake_l = D(real, c), D(fake.detach(), c)  # detach: the D step must not reach G
+        loss = scale * d_loss(real_l, fake_l)
+    opt_d.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_d.step()
+    real_l, fake_l = real_l.detach().float(), fake_l.detach().float()
+    acc = ((real_l > 0).float().mean() + (fake_l < 0).float().mean()) / 2
+    return dict(loss_d=loss.detach(), d_x=torch.sigmoid(real_l).mean(), d_gz=torch.sigmoid(fake_l).mean(), d_acc=acc)  # fmt: skip
+
+
+def g_step(D, opt_g, fake, c, target=None, lambda_l1=100.0, autocast=None):
+    """One G step through the updated D, frozen (no weight gradients for it); + lambda L1 when a
+    target is given (pix2pix Eq. 4)."""
+    D.requires_grad_(False)
+    with autocast or contextlib.nullcontext():
+        adv = g_loss(D(fake, c))
+        l1 = l1_loss(fake.float(), target) if target is not None else None
+        loss = adv if l1 is None else adv + lambda_l1 * l1
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_g.step()
+    D.requires_grad_(True)
+    return dict(loss_g=adv.detach()) | ({} if l1 is None else dict(l1=l1.detach()))
+
+
+def lr_factor(step: int, steps: int) -> float:
+    """pix2pix's schedule: the full rate for the first half, then linearly down to 0 at the end."""
+    return min(1.0, (steps - step) / max(1, steps - steps // 2))
+
+
+@torch.no_grad()
+def generate(G, z, y, batch=500):
+    """cGAN images in eval mode (BatchNorm's running statistics), in batches."""
+    was = G.training
+    G.eval()
+    x = torch.cat([G(zb, yb).float() for zb, yb in zip(z.split(batch), y.split(batch))])
+    G.train(was)
+    return x
+
+
+@torch.no_grad()
+def translate(G, x, batch=64):
+    """pix2pix inference as the paper runs it (Sec. 3.3): training mode, so dropout stays on as
+    the noise and BatchNorm uses the test batch's statistics; on a copy, to keep G's buffers."""
+    G = copy.deepcopy(G).train()
+    return torch.cat([G(xb).float() for xb in x.split(batch)])
+
+
+# -----------------------------------------------------------------------------
+# data: pix2pix pairs (A and B stacked on channels, so one crop and one flip serve both)
+def mnist_edges(cfg, train: bool):
+    """The built-in paired task: A = a digit's edge map (morphological gradient, dilation minus
+    erosion, thresholded), B = the digit; both padded 28 -> 32 so the U-Net reaches 1x1."""
+    x, y = common.load_images(dataclasses.replace(cfg, dataset="mnist", image_size=28), train)
+    b = F.pad(x, (2, 2, 2, 2))  # (N, 1, 32, 32) uint8
+    f = b.float() / 255
+    edge = F.max_pool2d(f, 3, 1, 1) + F.max_pool2d(-f, 3, 1, 1)  # max over 3x3 - min over 3x3
+    return (edge > 0.5).to(torch.uint8) * 255, b, y
+
+
+def load_aligned(root, split: str, size: int):
+    """pix2pix's layout: <root>/<split>/*.jpg|png, each image A|B side by side. Returns uint8
+    (A, B), each (N, 3, size, size), and zero labels."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(root) / split
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not files:
+        common.die(f"no images in {folder} (pix2pix layout: train/ and val/ of side-by-side A|B images)")  # fmt: skip
+    A, B = [], []
+    for p in files:
+        try:
+            img = Image.open(p).convert("RGB")
+        except OSError as e:
+            common.die(f"cannot read {p}: {e}")
+        w, h = img.size
+        for half, out in ((0, A), (1, B)):  # left half is A, right half is B
+            im = img.crop((half * w // 2, 0, (half + 1) * w // 2, h)).resize((size, size), Image.BICUBIC)  # fmt: skip
+            out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+    return torch.stack(A), torch.stack(B), torch.zeros(len(A), dtype=torch.long)
+
+
+def jitter(ab, load: int, size: int):
+    """Random jitter (Sec. 6.2): resize to load x load, crop size x size at a random place, mirror
+    with probability 1/2; one draw per pair, applied to A and B alike (channel-stacked in ab)."""
+    if load != ab.shape[-1]:
+        ab = F.interpolate(ab, size=(load, load), mode="bilinear", align_corners=False)
+    i, j = torch.randint(0, load - size + 1, (2, len(ab))).tolist()
+    flip = (torch.rand(len(ab)) < 0.5).tolist()
+    out = [ab[k, :, i[k] : i[k] + size, j[k] : j[k] + size] for k in range(len(ab))]
+    return torch.stack([o.flip(-1) if f else o for o, f in zip(out, flip)])
+
+
+def pairs(cfg, train: bool):
+    """(A, B, labels) of a split for pix2pix: mnist-edges, or aligned folders (val/, else test/)."""
+    if cfg.dataset == "mnist-edges":
+        return mnist_edges(cfg, train)
+    split = "train" if train else "val" if (Path(cfg.data_dir) / "val").is_dir() else "test"
+    return load_aligned(cfg.data_dir, split, cfg.image_size or 256)
+
+
+def split_ab(ab, cfg, a_ch: int):
+    """Channel-stacked pairs -> (input, target) in the order --direction asks for."""
+    a, b = ab[:, :a_ch], ab[:, a_ch:]
+    return (a, b) if cfg.direction == "AtoB" else (b, a)
+
+
+# -----------------------------------------------------------------------------
+# training
+def check_flags(cfg: Config):
+    """Flags with a fixed set or range of values: a wrong one is a one-line error before any work."""
+    if cfg.task not in ("cgan", "pix2pix"):
+        common.die(f"--task {cfg.task!r}: choose cgan or pix2pix")
+    cfg.dataset = cfg.dataset or ("mnist" if cfg.task == "cgan" else "mnist-edges")
+    if cfg.task == "pix2pix" and cfg.dataset not in ("mnist-edges", "aligned"):
+        common.die(f"--dataset {cfg.dataset!r} for pix2pix: mnist-edges or aligned (A|B pairs in --data-dir/train, val)")  # fmt: skip
+    if cfg.task == "cgan" and cfg.dataset in ("mnist-edges", "aligned", "celeba"):
+        common.die(f"--dataset {cfg.dataset!r} has no class labels for --task cgan")
+    if cfg.direction not in ("AtoB", "BtoA"):
+        common.die(f"--direction {cfg.direction!r}: AtoB or BtoA")
+    if cfg.patch and cfg.patch not in PATCH:
+        common.die(f"--patch {cfg.patch}: a PatchGAN receptive field, one of {sorted(PATCH)}")
+    for name, lo in [("steps", 0), ("batch_size", 1), ("sample", 0), ("z_dim", 1), ("emb_dim", 1), ("ngf", 1), ("ndf", 1), ("lambda_l1", 0)]:  # fmt: skip
+        if getattr(cfg, name) < lo:
+            common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
+
+
+def build_models(cfg: Config, meta: dict):
+    """(G, D) for the task and image size in meta; an unsupported size is a one-line error."""
+    (ngf, ndf), size = (16, 16) if cfg.tiny else (cfg.ngf, cfg.ndf), meta["size"]
+    if cfg.task == "cgan":
+        if not stages(size):
+            common.die(f"image size {size} does not fit DCGAN (16, 28, 32, 48, 64, ...); set --image-size")  # fmt: skip
+        G = ConditionalGenerator(cfg.z_dim, meta["n_classes"], cfg.emb_dim, meta["out_ch"], ngf, size)  # fmt: skip
+        return G, ProjectionDiscriminator(meta["out_ch"], ndf, size, meta["n_classes"])
+    if size < 16 or size & (size - 1):
+        common.die(f"image size {size} does not fit the U-Net (a power of two >= 16); set --image-size")  # fmt: skip
+    rf = cfg.patch or (70 if size >= 128 else max(r for r in PATCH if r <= size // 2))
+    if size // 2 ** PATCH[rf] < 3:
+        common.die(f"--patch {rf} needs images of at least {3 * 2 ** PATCH[rf]} pixels, not {size}")  # fmt: skip
+    G = UNetGenerator(meta["in_ch"], meta["out_ch"], ngf, size)
+    return G, PatchDiscriminator(meta["in_ch"] + meta["out_ch"], ndf, PATCH[rf])
+
+
+def train(cfg: Config):
+    """Alternate D and G steps with Adam (+ the linear decay for pix2pix); returns (G, D)."""
+    device, autocast = common.setup(cfg)
+    if cfg.task == "cgan":
+        x, y = common.load_images(cfg, train=True)
+        if y.dim() != 1:
+            common.die(f"--dataset {cfg.dataset} has no class labels for --task cgan")
+        meta = dict(size=x.shape[-1], out_ch=x.shape[1], n_classes=int(y.max()) + 1)
+        flip = cfg.dataset not in ("mnist", "fashion")
+    else:
+        a, b, y = pairs(cfg, train=True)
+        x, flip = torch.cat([a, b], 1), False  # (N, C_A + C_B, S, S); flips are in the jitter
+        a_ch, (in_ch, out_ch) = a.shape[1], (a.shape[1], b.shape[1])[:: 1 if cfg.direction == "AtoB" else -1]  # fmt: skip
+        meta = dict(size=x.shape[-1], in_ch=in_ch, out_ch=out_ch, a_ch=a_ch)
+        va, vb, _ = pairs(cfg, train=False)
+        fixed = split_ab(torch.cat([va[:8], vb[:8]], 1).to(device).float() / 127.5 - 1, cfg, a_ch)
+    G, D = (m.to(device) for m in build_models(cfg, meta))
+    data = common.Batches(x, y, cfg.batch_size, cfg.seed, device, flip=flip)
+    adam = lambda m: torch.optim.Adam(m.parameters(), cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")  # fmt: skip
+    opt_g, opt_d = adam(G), adam(D)
+    start = 0
+    if cfg.resume:
+        ck = common.resume(cfg, data, need=("G", "D", "meta"))
+        if ck["meta"].get("task") != cfg.task:
+            common.die(f"{cfg.out}/ckpt.pt is not a cgan_pix2pix.py --task {cfg.task} checkpoint")
+        for m, k in [(G, "G"), (D, "D"), (opt_g, "opt_g"), (opt_d, "opt_d")]:
+            common.load_state(m, ck[k], k)
+        start = ck["step"]
+    G_, D_ = common.wrap(G, cfg, device), common.wrap(D, cfg, device)
+    if cfg.task == "cgan":  # a grid with one row per class, one fixed z per column
+        C = meta["n_classes"]
+        z_fixed = torch.randn(10, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device).repeat(C, 1)  # fmt: skip
+        y_fixed = torch.arange(C, device=device).repeat_interleave(10)
+    load = cfg.load_size or round(meta["size"] * 286 / 256)
+    log, stop = common.Logger(cfg, start), common.Stopper()
+    if common.rank() == 0:
+        n = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (G, D)]
+        print(f"cgan_pix2pix: {cfg.task}, G {n[0]:.2f}M + D {n[1]:.2f}M params, {cfg.dataset}, {len(x)} images {tuple(x.shape[1:])}, {device}, from step {start}")  # fmt: skip
+    for step in range(start, cfg.steps):
+        lr = cfg.lr * (lr_factor(step, cfg.steps) if cfg.task == "pix2pix" else 1.0)
+        for g in [*opt_g.param_groups, *opt_d.param_groups]:  # from the step alone: exact resume
+            g["lr"] = lr
+        xb, yb = next(data)
+        with autocast:  # the fakes, and the condition c that D sees with them
+            if cfg.task == "cgan":
+                real, c = xb, yb
+                fake = G_(torch.randn(len(xb), cfg.z_dim, device=device), yb)
+            else:
+                xb = jitter(xb, load, meta["size"]) if cfg.dataset == "aligned" else xb
+                c, real = split_ab(xb, cfg, meta["a_ch"])
+                fake = G_(c)
+        # ---- D step: real and detached fake pairs; pix2pix halves D's loss
+        stats = d_step(D_, opt_d, real, fake, c, 0.5 if cfg.task == "pix2pix" else 1.0, autocast)
+        # ---- G step: the same fakes through the updated D (+ lambda L1 for pix2pix)
+        stats |= g_step(D_, opt_g, fake, c, real if cfg.task == "pix2pix" else None, cfg.lambda_l1, autocast)  # fmt: skip
+        log.add(**stats)
+        done, stopping = step + 1, stop(step + 1)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            log.log(done, lr=lr)
+        if common.rank() == 0 and (cfg.sample_every and done % cfg.sample_every == 0 or done == cfg.steps):  # fmt: skip
+            path = Path(cfg.out) / f"samples_{done:06d}.png"
+            if cfg.task == "cgan":
+                common.save_grid(generate(G, z_fixed, y_fixed), path, nrow=10)
+            else:
+                save_triplets(fixed[0], translate(G, fixed[0]), fixed[1], path)
+        if done == cfg.steps or stopping or cfg.ckpt_every and done % cfg.ckpt_every == 0:
+            log.check(done)  # never overwrite a good checkpoint with nan weights
+            common.checkpoint(cfg, done, data, G=G.state_dict(), D=D.state_dict(), opt_g=opt_g.state_dict(),
+                              opt_d=opt_d.state_dict(), meta=dict(meta, task=cfg.task))  # fmt: skip
+        if stopping:
+            print(f"stopped by signal at step {done}; checkpoint saved to {cfg.out}/ckpt.pt", flush=True)  # fmt: skip
+            break
+    return G, D
+
+
+# -----------------------------------------------------------------------------
+# sampling and evaluation
+def save_triplets(x, out, target, path):
+    """One row per example: input | output | target."""
+    x, out, target = (t.expand(-1, max(x.shape[1], out.shape[1]), -1, -1) for t in (x, out, target))
+    common.save_grid(torch.stack([x, out, target], 1).flatten(0, 1), path, nrow=3)
+
+
+def load_trained(cfg: Config):
+    """G of <out>/ckpt.pt, built from the flags and data shapes it was trained with."""
+    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt")
+    if not {"G", "meta", "config"} <= ck.keys() or "task" not in ck["meta"]:
+        common.die(f"{cfg.out}/ckpt.pt is not a cgan_pix2pix.py checkpoint")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    mcfg = Config(**{k: v for k, v in ck["config"].items() if k in fields})  # the trained flags
+    device, _ = common.setup(cfg)
+    G = build_models(mcfg, ck["meta"])[0].to(device)
+    common.load_state(G, ck["G"], "generator")
+    return G, mcfg, ck["meta"], device
+
+
+def sample(cfg: Config):
+    """--sample N. cgan: N images, labels 0, 1, 2, ... cycling (arr_1), and a grid with one row
+    per class. pix2pix: the first N test inputs translated, a grid of input | output | target,
+    and L1 / PSNR against the targets on stdout and in <out>/pix2pix_eval.jsonl."""
+    G, mcfg, meta, device = load_trained(cfg)
+    if mcfg.task == "cgan":
+        C = meta["n_classes"]
+        g = torch.Generator(device).manual_seed(cfg.seed)
+        y = torch.arange(cfg.sample, device=device) % C
+        x = generate(G, torch.randn(cfg.sample, mcfg.z_dim, device=device, generator=g), y, cfg.batch_size)  # fmt: skip
+        common.save_samples(cfg.out, x, y)
+        k = min(10, cfg.sample // C)  # samples per row, one row per class
+        if k:
+            common.save_grid(torch.cat([x[y == c][:k] for c in range(C)]), Path(cfg.out) / "samples.png", nrow=k)  # fmt: skip
+        print(f"wrote {cfg.sample} samples (labels in arr_1) to {cfg.out}/samples.npz and samples.png")  # fmt: skip
+        return
+    cfg = dataclasses.replace(mcfg, data_dir=cfg.data_dir, download=cfg.download, out=cfg.out, sample=cfg.sample, batch_size=cfg.batch_size)  # fmt: skip
+    a, b, labels = pairs(cfg, train=False)
+    n = min(cfg.sample, len(a))
+    x, target = split_ab(torch.cat([a[:n], b[:n]], 1).float() / 127.5 - 1, cfg, meta["a_ch"])
+    torch.manual_seed(cfg.seed)  # the dropout noise
+    out = torch.cat([translate(G, xb.to(device), cfg.batch_size).cpu() for xb in x.split(cfg.batch_size)])  # fmt: skip
+    if cfg.dataset == "mnist-edges":  # back to the 28x28 digits that evaluate.py classifies
+        out, target, x = (t[..., 2:30, 2:30] for t in (out, target, x))
+    common.save_samples(cfg.out, out, labels[:n] if cfg.dataset == "mnist-edges" else None)
+    save_triplets(x[:16], out[:16], target[:16], Path(cfg.out) / "samples.png")  # replaces it
+    o, t = (out + 1) / 2, (target + 1) / 2  # [0, 1] pixels for the metrics
+    mse = (o - t).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    res = {"n": n, "l1": (o - t).abs().mean().item(), "psnr": (10 * torch.log10(1 / mse)).mean().item(),
+           "l1_input_as_output": ((x + 1) / 2 - t).abs().mean().item() if x.shape == t.shape else None,
+           "dataset": cfg.dataset, "direction": cfg.direction}  # fmt: skip
+    print(json.dumps(res))
+    with open(Path(cfg.out) / "pix2pix_eval.jsonl", "a") as f:
+        f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    cfg = common.parse(Config, "cgan_pix2pix")
+    check_flags(cfg)
+    if not cfg.sample:
+        train(cfg)
+    elif os.environ.get("RANK", "0") == "0":  # sampling runs in one process
+        sample(cfg)
