@@ -5,6 +5,7 @@ Speed: training and sampling throughput of each model file, optionally beside pe
   python bench.py --device cuda --compile --peers   # + denoising-diffusion-pytorch and diffusers
   python bench.py --tiny --image-size 28 --channels 1
   python bench.py --models vae,vqvae --peers --image-size 28 --channels 1   # + vector-quantize-pytorch
+  python bench.py --models gan --image-size 28 --channels 1       # gan.py and cgan_pix2pix.py
 
 Training img/s: one full optimizer step as the training loop runs it (loss under autocast,
 backward, grad clip, AdamW, EMA update) on a batch already on the device, timed after warm-up
@@ -13,7 +14,9 @@ is timed on 50 of its steps (every step costs the same) and scaled to 1000. Peer
 same loss, optimizer and samplers, so only the network differs. Peak memory: CUDA only.
 vae / vqvae: a whole Adam step of each model, decoding and prior sampling, and the vector
 quantizer alone (forward + backward in training mode) beside vector-quantize-pytorch's
-VectorQuantize set to the same method. Writes bench.json beside the tables.
+VectorQuantize set to the same method. gan: one D step and one G step of gan.py's DCGAN (and
+the same with the G step computing D's weight gradients, as most copies do), of the cGAN and of
+pix2pix; sampling is G alone. Writes bench.json beside the tables.
 """
 
 import argparse
@@ -236,7 +239,80 @@ def bench_vqvae(args, device, autocast):
     return rows, ratios
 
 
-BENCHES = {"ddpm_ddim": bench_ddpm, "vae": bench_vae, "vqvae": bench_vqvae}  # each: (rows, ratios)
+# -----------------------------------------------------------------------------
+# the GANs: a D step then a G step, as the loops run them; sampling
+def gan_rate(G, D, step_fn, args, device, autocast):
+    """Images/s of step_fn(G, D, opt_g, opt_d) with Adam (0.5, 0.999), as the training loop runs it."""
+    adam = lambda m: torch.optim.Adam(m.parameters(), 2e-4, betas=(0.5, 0.999), fused=device.type == "cuda")  # fmt: skip
+    opt_g, opt_d = adam(G), adam(D)
+    G_, D_ = (torch.compile(m) if args.compile else m for m in (G, D))
+    step = lambda: step_fn(G_, D_, opt_g, opt_d)
+    timed(step, device, args.warmup)
+    return round(args.batch_size / timed(step, device, args.iters), 1)
+
+
+def bench_gan(args, device, autocast):
+    """gan.py's DCGAN, also with the G step computing D's weight gradients as most copies do (our
+    G step freezes D); cgan_pix2pix.py's cGAN and pix2pix (at 32x32 when asked for 28)."""
+    import cgan_pix2pix as P
+    import gan
+
+    B, C, S = args.batch_size, args.channels, args.image_size
+    w = 16 if args.tiny else 64
+    x = torch.rand(B, C, S, S, device=device) * 2 - 1
+    y = torch.randint(10, (B,), device=device)
+
+    def dcgan(G, D, opt_g, opt_d, freeze=True):
+        stats, fake = gan.d_step(G, D, opt_d, x, torch.randn(B, 100, device=device), "ns", autocast)
+        if freeze:
+            return gan.g_step(D, opt_g, fake, "ns", autocast)
+        with autocast:  # the common G step: D's weights get gradients that are thrown away
+            loss = gan.g_loss(D(fake))
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+
+    def cgan(G, D, opt_g, opt_d):
+        with autocast:
+            fake = G(torch.randn(B, 100, device=device), y)
+        P.d_step(D, opt_d, x, fake, y, 1.0, autocast)
+        P.g_step(D, opt_g, fake, y, None, 0.0, autocast)
+
+    S2 = 32 if S == 28 else S
+    a, b = (torch.rand(B, C, S2, S2, device=device) * 2 - 1 for _ in range(2))
+
+    def pix2pix(G, D, opt_g, opt_d):
+        with autocast:
+            fake = G(a)
+        P.d_step(D, opt_d, b, fake, a, 0.5, autocast)
+        P.g_step(D, opt_g, fake, a, b, 100.0, autocast)
+
+    nets = lambda f, *a: [m.to(device) for m in f(*a)]
+    rows, z = [], torch.randn(args.sample_batch, 100, device=device)
+    G, D = nets(lambda: (gan.Generator(100, C, w, S), gan.Discriminator(C, w, S)))
+    rows.append({"model": "gan.py DCGAN", "train_img_s": gan_rate(G, D, dcgan, args, device, autocast),
+                 "sample_img_s": round(len(z) / timed(lambda: gan.generate(G, z), device, args.iters), 1)})  # fmt: skip
+    G, D = nets(lambda: (gan.Generator(100, C, w, S), gan.Discriminator(C, w, S)))
+    rows.append({"model": "gan.py DCGAN, D not frozen in G step", "train_img_s": gan_rate(G, D, lambda *m: dcgan(*m, freeze=False), args, device, autocast)})  # fmt: skip
+    G, D = nets(lambda: (P.ConditionalGenerator(100, 10, 50, C, w, S), P.ProjectionDiscriminator(C, w, S, 10)))  # fmt: skip
+    yz = torch.arange(len(z), device=device) % 10
+    rows.append({"model": "cgan_pix2pix.py cGAN", "train_img_s": gan_rate(G, D, cgan, args, device, autocast),
+                 "sample_img_s": round(len(z) / timed(lambda: P.generate(G, z, yz), device, args.iters), 1)})  # fmt: skip
+    rf = 70 if S2 >= 128 else max(r for r in P.PATCH if r <= S2 // 2)
+    G, D = nets(lambda: (P.UNetGenerator(C, C, w, S2), P.PatchDiscriminator(2 * C, w, P.PATCH[rf])))
+    rows.append({"model": f"cgan_pix2pix.py pix2pix {S2}px", "train_img_s": gan_rate(G, D, pix2pix, args, device, autocast),
+                 "sample_img_s": round(len(z) / timed(lambda: P.translate(G, a[: len(z)]), device, args.iters), 1)})  # fmt: skip
+    return rows, [
+        f"freezing D in the G step: training {rows[0]['train_img_s'] / rows[1]['train_img_s']:.2f}x"
+    ]
+
+
+BENCHES = {
+    "ddpm_ddim": bench_ddpm,
+    "vae": bench_vae,
+    "vqvae": bench_vqvae,
+    "gan": bench_gan,
+}  # each: (rows, ratios)
 
 
 def main(argv=None):

@@ -359,6 +359,7 @@ def build_models(cfg: Config, meta: dict):
 
 def train(cfg: Config):
     """Alternate D and G steps with Adam (+ the linear decay for pix2pix); returns (G, D)."""
+    check_flags(cfg)  # also resolves the task's default dataset
     device, autocast = common.setup(cfg)
     if cfg.task == "cgan":
         x, y = common.load_images(cfg, train=True)

@@ -13,5 +13,8 @@ import common  # noqa: E402
 mod = importlib.import_module(sys.argv.pop(1))
 cfg = common.parse(mod.Config, mod.__name__)
 model = getattr(mod, "train_vqvae", getattr(mod, "train", None))(cfg)
-model = model[0] if isinstance(model, tuple) else model  # ddpm_ddim.train returns (model, ema)
-torch.save(model.state_dict(), Path(cfg.out) / f"rank{common.rank()}.pt")
+if isinstance(model, tuple):  # (model, ema), (G, D, ema), (G, D): every module's state, prefixed
+    model = {f"{i}.{k}": v for i, m in enumerate(model) if isinstance(m, torch.nn.Module) for k, v in m.state_dict().items()}  # fmt: skip
+else:
+    model = model.state_dict()
+torch.save(model, Path(cfg.out) / f"rank{common.rank()}.pt")

@@ -3,12 +3,15 @@ that learns a 2-D Gaussian, then the CLI."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_one_line_error, run
+from conftest import ROOT, assert_one_line_error, run
 
 import gan
 
@@ -162,3 +165,17 @@ def test_cli_bad_input(fake_mnist, tmp_path):
     assert_one_line_error(cli(*data, "--tiny", "--steps", 2, "--resume"), "not a gan.py checkpoint")
     (out / "ckpt.pt").write_bytes(b"garbage")
     assert_one_line_error(cli("--sample", 4), "corrupted")
+
+
+def test_ddp_two_gloo_ranks_keep_G_and_D_identical(fake_mnist, tmp_path):
+    """Two D forwards (real, fake) before one backward, and a G step through a frozen D, under
+    DDP: both ranks end with the same G and D weights (BatchNorm's running statistics are each
+    rank's own between DDP's broadcasts, and are not compared)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "ddp_worker.py"), "gan", *TINY, "--sample-every", "0", "--data-dir", str(fake_mnist),
+           "--out", str(tmp_path), "--steps", "3"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    w0, w1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert any(k.startswith("1.") for k in w0)  # D is there too
+    assert all(torch.equal(w0[k], w1[k]) for k in w0 if "running" not in k), [k for k in w0 if not torch.equal(w0[k], w1[k])]  # fmt: skip
