@@ -301,7 +301,7 @@ def bench_gan(args, device, autocast):
     rf = 70 if S2 >= 128 else max(r for r in P.PATCH if r <= S2 // 2)
     G, D = nets(lambda: (P.UNetGenerator(C, C, w, S2), P.PatchDiscriminator(2 * C, w, P.PATCH[rf])))
     rows.append({"model": f"cgan_pix2pix.py pix2pix {S2}px", "train_img_s": gan_rate(G, D, pix2pix, args, device, autocast),
-                 "sample_img_s": round(len(z) / timed(lambda: P.translate(G, a[: len(z)]), device, args.iters), 1)})  # fmt: skip
+                 "sample_img_s": round(len(a) / timed(lambda: P.translate(G, a), device, args.iters), 1)})  # fmt: skip
     return rows, [
         f"freezing D in the G step: training {rows[0]['train_img_s'] / rows[1]['train_img_s']:.2f}x"
     ]

@@ -107,7 +107,8 @@ class ConditionalGenerator(nn.Module):
 
 
 class ProjectionDiscriminator(nn.Module):
-    """(x, y) -> logit (B,): DCGAN features phi(x), then psi(phi) + e_y . phi (Miyato & Koyama Eq. 3)."""
+    """(x, y) -> logit (B,): DCGAN features h, then psi(h) + e_y . phi(x), phi = h pooled over
+    space as Miyato & Koyama pool their features (their Eq. 3)."""
 
     def __init__(self, in_ch=1, ndf=64, size=28, n_classes=10):
         super().__init__()
@@ -118,12 +119,13 @@ class ProjectionDiscriminator(nn.Module):
             c *= 2
         self.features = nn.Sequential(*layers)  # phi(x): (B, c, s0, s0)
         self.psi = nn.Conv2d(c, 1, s0)  # the unconditional logit: DCGAN's last layer
-        self.embed = nn.Embedding(n_classes, c * s0 * s0)  # V: one vector per class in phi's space
+        self.embed = nn.Embedding(n_classes, c)  # V: one vector per class in phi's space
         self.apply(init_weights)
 
     def forward(self, x, y):
-        h = self.features(x)
-        return self.psi(h).view(-1) + (self.embed(y) * h.flatten(1)).sum(1)  # (B,)
+        h = self.features(x)  # (B, c, s0, s0)
+        phi = h.mean((2, 3))  # (B, c): global pooling (a mean: a sum makes e_y . phi dominate psi)
+        return self.psi(h).view(-1) + (self.embed(y) * phi).sum(1)  # (B,)
 
 
 # -----------------------------------------------------------------------------

@@ -19,8 +19,9 @@ def test_projection_discriminator_is_psi_plus_class_embedding_dot_features():
     with torch.no_grad():
         D.embed.weight.normal_()  # make the label matter at initialisation
     x, y = torch.randn(5, 1, 28, 28), torch.tensor([0, 3, 3, 7, 9])
-    phi = D.features(x).flatten(1)  # (B, c * s0 * s0)
-    want = phi @ D.psi.weight.flatten() + D.psi.bias + (D.embed.weight[y] * phi).sum(1)
+    h = D.features(x)  # (B, c, s0, s0)
+    phi = h.mean((2, 3))  # (B, c)
+    want = h.flatten(1) @ D.psi.weight.flatten() + D.psi.bias + (D.embed.weight[y] * phi).sum(1)
     assert torch.allclose(D(x, y), want, atol=1e-5)  # Miyato & Koyama Eq. 3
     assert not torch.allclose(D(x, y), D(x, (y + 1) % 10))
 
