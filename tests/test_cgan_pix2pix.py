@@ -20,7 +20,7 @@ def test_projection_discriminator_is_psi_plus_class_embedding_dot_features():
         D.embed.weight.normal_()  # make the label matter at initialisation
     x, y = torch.randn(5, 1, 28, 28), torch.tensor([0, 3, 3, 7, 9])
     h = D.features(x)  # (B, c, s0, s0)
-    phi = h.mean((2, 3))  # (B, c)
+    phi = h.sum((2, 3))  # (B, c)
     want = h.flatten(1) @ D.psi.weight.flatten() + D.psi.bias + (D.embed.weight[y] * phi).sum(1)
     assert torch.allclose(D(x, y), want, atol=1e-5)  # Miyato & Koyama Eq. 3
     assert not torch.allclose(D(x, y), D(x, (y + 1) % 10))
