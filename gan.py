@@ -57,7 +57,7 @@ def stages(size: int):
 
 
 def bn(c: int) -> nn.BatchNorm2d:
-    # keywords: BatchNorm2d(c, 0.8), common in copied GAN code, sets eps = 0.8, not the momentum
+    # keywords: a positional second argument (0.8 in much copied GAN code) sets eps, not momentum
     return nn.BatchNorm2d(c, eps=1e-5, momentum=0.1)
 
 
