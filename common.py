@@ -186,6 +186,8 @@ class EMA:
 
     def __init__(self, model, decay=0.9999):
         self.module, self.decay = copy.deepcopy(model).eval().requires_grad_(False), decay
+        for t in self.module.state_dict().values() if dist.is_initialized() else ():
+            dist.broadcast(t, 0)  # start from rank 0's init, as DDP's replicas do
 
     @torch.no_grad()
     def update(self, model, step: int):

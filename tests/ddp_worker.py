@@ -14,6 +14,7 @@ mod = importlib.import_module(sys.argv.pop(1))
 cfg = common.parse(mod.Config, mod.__name__)
 model = getattr(mod, "train_vqvae", getattr(mod, "train", None))(cfg)
 if isinstance(model, tuple):  # (model, ema), (G, D, ema), (G, D): every module's state, prefixed
+    model = [m.module if isinstance(m, common.EMA) else m for m in model]
     model = {f"{i}.{k}": v for i, m in enumerate(model) if isinstance(m, torch.nn.Module) for k, v in m.state_dict().items()}  # fmt: skip
 else:
     model = model.state_dict()

@@ -170,12 +170,13 @@ def test_cli_bad_input(fake_mnist, tmp_path):
 def test_ddp_two_gloo_ranks_keep_G_and_D_identical(fake_mnist, tmp_path):
     """Two D forwards (real, fake) before one backward, and a G step through a frozen D, under
     DDP: both ranks end with the same G and D weights (BatchNorm's running statistics are each
-    rank's own between DDP's broadcasts, and are not compared)."""
+    rank's own between DDP's broadcasts, and are not compared). G's EMA starts from rank 0's
+    init too, as DDP's replicas do."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "ddp_worker.py"), "gan", *TINY, "--sample-every", "0", "--data-dir", str(fake_mnist),
-           "--out", str(tmp_path), "--steps", "3"]  # fmt: skip
+           "--out", str(tmp_path), "--steps", "3", "--ema", "0.9"]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert p.returncode == 0, p.stdout + p.stderr
     w0, w1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert any(k.startswith("1.") for k in w0)  # D is there too
+    assert any(k.startswith("1.") for k in w0) and any(k.startswith("2.") for k in w0)  # D, EMA
     assert all(torch.equal(w0[k], w1[k]) for k in w0 if "running" not in k), [k for k in w0 if not torch.equal(w0[k], w1[k])]  # fmt: skip
