@@ -6,6 +6,7 @@ Speed: training and sampling throughput of each model file, optionally beside pe
   python bench.py --tiny --image-size 28 --channels 1
   python bench.py --models vae,vqvae --peers --image-size 28 --channels 1   # + vector-quantize-pytorch
   python bench.py --models gan --image-size 28 --channels 1       # gan.py and cgan_pix2pix.py
+  python bench.py --models flow --image-size 28 --channels 1      # flow.py: Glow, RealNVP
 
 Training img/s: one full optimizer step as the training loop runs it (loss under autocast,
 backward, grad clip, AdamW, EMA update) on a batch already on the device, timed after warm-up
@@ -307,11 +308,36 @@ def bench_gan(args, device, autocast):
     ]
 
 
+def bench_flow(args, device, autocast):
+    """flow.py's Glow (also with --lu) and RealNVP at their default sizes (--tiny: K=4/2, width
+    32): one Adam step on bits/dim of a uint8-valued batch, and sampling at T = 0.7."""
+    import flow
+
+    S, rows = args.image_size, []
+    x = torch.randint(0, 256, (args.batch_size, args.channels, S, S), device=device) / 127.5 - 1
+    for name, arch, lu in (("glow", "glow", False), ("glow --lu", "glow", True), ("realnvp", "realnvp", False)):  # fmt: skip
+        cfg = flow.Config(arch=arch, lu=lu, tiny=args.tiny)
+        net = flow.build_model(cfg, args.channels, S).to(device)
+        net.initialize(flow.preprocess(flow.dequantize(x, 8), arch)[0])
+        loss = lambda m, x, arch=arch: flow.nll_bits(m, x, 8, arch, 0.05).mean()
+        rate = train_rate(net, loss, x, args, device, autocast)
+        with torch.inference_mode():
+            t = timed(
+                lambda net=net: net.inverse(n=args.sample_batch, temperature=0.7),
+                device,
+                args.iters,
+            )
+        rows.append({"model": f"flow.py {name}", "params_M": round(sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6, 2),
+                     "train_img_s": rate, "sample_img_s": round(args.sample_batch / t, 1)})  # fmt: skip
+    return rows, []
+
+
 BENCHES = {
     "ddpm_ddim": bench_ddpm,
     "vae": bench_vae,
     "vqvae": bench_vqvae,
     "gan": bench_gan,
+    "flow": bench_flow,
 }  # each: (rows, ratios)
 
 

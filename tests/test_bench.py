@@ -16,9 +16,9 @@ def test_bench_tiny_smoke(tmp_path):
     assert r["info"]["shape"] == [1, 28, 28]
 
 
-def test_bench_autoencoders_and_gans_smoke(tmp_path):
+def test_bench_autoencoders_gans_and_flows_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    run("bench.py", "--models", "vae,vqvae,gan", "--tiny", "--image-size", 28, "--channels", 1, "--batch-size", 4,
+    run("bench.py", "--models", "vae,vqvae,gan,flow", "--tiny", "--image-size", 28, "--channels", 1, "--batch-size", 4,
         "--sample-batch", 2, "--warmup", 1, "--iters", 1, "--device", "cpu", "--out", out)  # fmt: skip
     rows = {r["model"]: r for r in json.load(open(out))["rows"]}
     assert rows["vae.VAE"]["train_img_s"] > 0 and rows["vae.VAE"]["sample_img_s"] > 0
@@ -30,6 +30,8 @@ def test_bench_autoencoders_and_gans_smoke(tmp_path):
     for m in ("gan.py DCGAN", "cgan_pix2pix.py cGAN", "cgan_pix2pix.py pix2pix 32px"):
         assert rows[m]["train_img_s"] > 0 and rows[m]["sample_img_s"] > 0, m
     assert rows["gan.py DCGAN, D not frozen in G step"]["train_img_s"] > 0
+    for m in ("flow.py glow", "flow.py glow --lu", "flow.py realnvp"):
+        assert rows[m]["train_img_s"] > 0 and rows[m]["sample_img_s"] > 0, m
 
 
 def test_bench_bad_input():
