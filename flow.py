@@ -13,6 +13,8 @@ Pixels: u in {0..2^n - 1} -> x = (u + U[0, 1)) / 2^n in [0, 1] (uniform dequanti
 models x - 1/2, RealNVP logit(alpha + (1 - 2 alpha) x); bits/dim counts both (see bits_per_dim).
 Left out on purpose: Glow's additive coupling and reverse/shuffle permutations, RealNVP's
 batch-norm layers and ResNet coupling nets (both use Glow's 3-layer CNN here), class conditioning.
+Expect (README): `--depth 8 --width 128`, 8,000 steps, 42 CPU minutes -> 1.75 test bits/dim on
+MNIST; the published 1.05 takes the full model, 60,000 digits and days of GPU time.
 
   python flow.py --data-dir ../shared/data            # Glow on MNIST (L=2 levels at 28x28)
   python flow.py --arch realnvp --out runs/realnvp
