@@ -378,21 +378,3 @@ def test_learns_on_real_digits(tmp_path):
             "--lr", "1e-3", "--log-every", 25, "--sample-every", 0, timeout=600)  # fmt: skip
     ls = losses(tmp_path)
     assert ls[25] > 0.3 and ls[200] < 0.35 * ls[25], ls
-
-
-def test_compile_trains_and_checkpoints_without_prefix(fake_mnist, tmp_path):
-    """--compile runs the compiled module; the checkpoint holds the raw module's names."""
-    run(
-        "ddpm_ddim.py",
-        *TINY,
-        "--data-dir",
-        fake_mnist,
-        "--out",
-        tmp_path,
-        "--steps",
-        2,
-        "--compile",
-        timeout=600,
-    )
-    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert ck["step"] == 2 and not any("_orig_mod" in k for k in ck["model"])
