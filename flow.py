@@ -171,18 +171,19 @@ class AffineCoupling(nn.Module):
         realnvp: y_b = x_b * exp(s) + t, s = c tanh(h)  (RealNVP Eq. 7, c learned per channel)
     log|det| = sum of log-scales over x_b. Halves are channel halves ("channel") or the squares of
     a checkerboard ("checker", RealNVP Fig. 3); `parity` swaps them. NN's last layer starts at
-    zero, so t = 0 and h = 0 at init: realnvp starts as the identity, glow as x_b * sigmoid(2)."""
+    zero, so t = 0 and h = 0 at init: realnvp starts as the identity, glow as x_b * sigmoid(2) =
+    0.88 x_b (Glow Sec. 3.3 calls it the identity; its code, and ours, add the +2)."""
 
     def __init__(self, ch: int, width: int, mask="channel", parity=0, kind="glow"):
         super().__init__()
         self.mask, self.parity, self.kind = mask, parity, kind
-        cin = ch // 2 if mask == "channel" else ch
+        cin = ch // 2 if mask == "channel" else ch  # the checkerboard's NN sees the masked x
+        cb = ch - cin if mask == "channel" else ch  # channels that get (t, log s)
         self.nn = nn.Sequential(  # NN() of Glow Sec. 3.3: conv 3x3, ReLU, conv 1x1, ReLU, zero conv
             nn.Conv2d(cin, width, 3, padding=1), nn.ReLU(),
             nn.Conv2d(width, width, 1), nn.ReLU(),
-            ZeroConv2d(width, 2 * (ch - cin if mask == "channel" else ch)),
+            ZeroConv2d(width, 2 * cb),
         )  # fmt: skip
-        cb = ch - cin if mask == "channel" else ch  # channels that get transformed
         self.c = nn.Parameter(torch.ones(1, cb, 1, 1)) if kind == "realnvp" else None
 
     def checker(self, x):  # (1, 1, H, W): 1 on the squares that pass through
