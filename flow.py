@@ -61,28 +61,18 @@ class Config(common.Config):
 
 # -----------------------------------------------------------------------------
 # model: bijections with forward(x) -> (y, log|det dy/dx| per image) and inverse(y) -> x
-def squeeze(x: torch.Tensor) -> torch.Tensor:
-    """Each 2x2 patch becomes 4 channels (RealNVP Fig. 3): (B, C, H, W) -> (B, 4C, H/2, W/2)."""
-    B, C, H, W = x.shape
-    x = x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 2, 4)  # (B, C, 2, 2, H/2, W/2)
-    return x.reshape(B, C * 4, H // 2, W // 2)
-
-
-def unsqueeze(x: torch.Tensor) -> torch.Tensor:
-    """The inverse of squeeze: (B, 4C, H, W) -> (B, C, 2H, 2W)."""
-    B, C, H, W = x.shape
-    x = x.view(B, C // 4, 2, 2, H, W).permute(0, 1, 4, 2, 5, 3)  # (B, C/4, H, 2, W, 2)
-    return x.reshape(B, C // 4, H * 2, W * 2)
-
-
 class Squeeze(nn.Module):
-    """squeeze as a layer: a permutation of the variables, log-det 0."""
+    """Each 2x2 patch becomes 4 channels (RealNVP Fig. 3): a permutation, log-det 0."""
 
-    def forward(self, x):
-        return squeeze(x), x.new_zeros(len(x))
+    def forward(self, x):  # (B, C, H, W) -> (B, 4C, H/2, W/2)
+        B, C, H, W = x.shape
+        x = x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 2, 4)  # (B, C, 2, 2, H/2, W/2)
+        return x.reshape(B, C * 4, H // 2, W // 2), x.new_zeros(B)
 
-    def inverse(self, y):
-        return unsqueeze(y)
+    def inverse(self, y):  # (B, 4C, H, W) -> (B, C, 2H, 2W)
+        B, C, H, W = y.shape
+        y = y.view(B, C // 4, 2, 2, H, W).permute(0, 1, 4, 2, 5, 3)  # (B, C/4, H, 2, W, 2)
+        return y.reshape(B, C // 4, H * 2, W * 2)
 
 
 class ActNorm(nn.Module):
@@ -186,15 +176,12 @@ class AffineCoupling(nn.Module):
         )  # fmt: skip
         self.c = nn.Parameter(torch.ones(1, cb, 1, 1)) if kind == "realnvp" else None
 
-    def checker(self, x):  # (1, 1, H, W): 1 on the squares that pass through
-        i, j = torch.arange(x.shape[2], device=x.device), torch.arange(x.shape[3], device=x.device)
-        return ((i[:, None] + j[None] + self.parity) % 2 == 0).to(x.dtype)[None, None]
-
     def split(self, x):
         """(x_a, x_b, b): b masks x_b's parameters (checker) or is 1 (channel)."""
-        if self.mask == "checker":
-            b = self.checker(x)
-            return x * b, x, 1 - b
+        if self.mask == "checker":  # b (1, 1, H, W): 1 on the squares that get transformed
+            i, j = (torch.arange(n, device=x.device) for n in x.shape[2:])
+            b = ((i[:, None] + j[None] + self.parity) % 2).to(x.dtype)[None, None]
+            return x * (1 - b), x, b
         x_a, x_b = x.chunk(2, 1)
         return (x_b, x_a, 1) if self.parity else (x_a, x_b, 1)
 
@@ -401,8 +388,7 @@ def resolve(cfg: Config, size: int) -> tuple[int, int, int]:
 
 
 def build_model(cfg: Config, in_ch: int, size: int) -> Flow:
-    levels, depth, width = resolve(cfg, size)
-    return Flow(in_ch, size, levels, depth, width, cfg.arch, cfg.lu)
+    return Flow(in_ch, size, *resolve(cfg, size), cfg.arch, cfg.lu)
 
 
 def check_flags(cfg: Config):
@@ -413,10 +399,9 @@ def check_flags(cfg: Config):
                      ("depth", 0), ("width", 0), ("init_batch", 1), ("temperature", 0)]:  # fmt: skip
         if getattr(cfg, name) < lo:
             common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
-    if not 1 <= cfg.n_bits <= 8:
-        common.die(f"--n-bits {cfg.n_bits}: must be between 1 and 8")
-    if not 0 < cfg.alpha < 0.5:
-        common.die(f"--alpha {cfg.alpha}: must be in (0, 0.5)")
+    for flag, ok, what in [("n-bits", 1 <= cfg.n_bits <= 8, "between 1 and 8"), ("alpha", 0 < cfg.alpha < 0.5, "in (0, 0.5)")]:  # fmt: skip
+        if not ok:
+            common.die(f"--{flag} {getattr(cfg, flag.replace('-', '_'))}: must be {what}")
 
 
 @torch.no_grad()
@@ -446,8 +431,8 @@ def train(cfg: Config):
         common.load_state(model, ck["model"]), common.load_state(opt, ck["opt"], "optimizer")
         start = ck["step"]
     else:  # ActNorm's data-dependent init, before DDP: its broadcast gives every rank rank 0's
-        g = torch.Generator().manual_seed(cfg.seed)
-        idx = torch.randperm(len(x), generator=g)[: cfg.init_batch]
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
+        idx = idx[: cfg.init_batch]  # a fixed random subset, drawn without touching the RNGs
         x_init = x[idx].to(device).float() / 127.5 - 1
         model.initialize(preprocess(dequantize(x_init, cfg.n_bits), cfg.arch, cfg.alpha)[0])
     net = common.wrap(model, cfg, device)
@@ -508,10 +493,8 @@ def sample(cfg: Config):
     """--sample N: N images at --temperature into <out>/samples.npz and samples.png."""
     model, mcfg, ck, device = load_trained(cfg)
     g = torch.Generator(device).manual_seed(cfg.seed)
-    xs = []
-    for i in range(0, cfg.sample, cfg.batch_size):
-        n = min(cfg.batch_size, cfg.sample - i)
-        xs.append(model.inverse(n=n, temperature=cfg.temperature, generator=g))
+    xs = [model.inverse(n=min(cfg.batch_size, cfg.sample - i), temperature=cfg.temperature, generator=g)
+          for i in range(0, cfg.sample, cfg.batch_size)]  # fmt: skip
     common.save_samples(cfg.out, to_images(torch.cat(xs), mcfg.n_bits, mcfg.arch, mcfg.alpha))
     print(f"wrote {cfg.sample} samples (T={cfg.temperature}) to {cfg.out}/samples.npz and samples.png")  # fmt: skip
 
@@ -524,18 +507,14 @@ def nll(cfg: Config):
     cfg.image_size = ck["shape"][-1]
     x = common.load_images(cfg, train=False)[0][: cfg.nll]
     g = torch.Generator(device).manual_seed(cfg.seed)
-    bits = []
-    for xb in x.split(cfg.batch_size):
-        xb = xb.to(device).float() / 127.5 - 1  # uint8 -> the loader's [-1, 1]
-        bits.append(nll_bits(model, xb, mcfg.n_bits, mcfg.arch, mcfg.alpha, g).cpu())
-    bits = torch.cat(bits)
+    to_x = lambda u8: u8.to(device).float() / 127.5 - 1  # uint8 -> the loader's [-1, 1]
+    bits = torch.cat([nll_bits(model, to_x(u), mcfg.n_bits, mcfg.arch, mcfg.alpha, g).cpu() for u in x.split(cfg.batch_size)])  # fmt: skip
     res = {"bpd": bits.mean().item(), "sem": (bits.std() / len(bits) ** 0.5).item(),
            "n": len(x), "n_bits": mcfg.n_bits, "arch": mcfg.arch, "step": ck["step"]}  # fmt: skip
     print(json.dumps(res))
     with open(Path(cfg.out) / "nll.jsonl", "a") as f:
         f.write(json.dumps(res) + "\n")
-    x_test = x[:16].to(device).float() / 127.5 - 1
-    save_pictures(model, mcfg, x_test, f"samples_T{cfg.temperature}.png")
+    save_pictures(model, mcfg, to_x(x[:16]), f"samples_T{cfg.temperature}.png")
 
 
 if __name__ == "__main__":

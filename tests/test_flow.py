@@ -51,9 +51,9 @@ def test_every_layer_inverts_and_its_logdet_is_the_jacobians(C):
 
 def test_squeeze_moves_each_2x2_patch_into_channels():
     x = torch.arange(16.0).view(1, 1, 4, 4)
-    y = Fl.squeeze(x)
-    assert y.shape == (1, 4, 2, 2) and y[0, :, 0, 0].tolist() == [0, 1, 4, 5]
-    assert torch.equal(Fl.unsqueeze(y), x)
+    y, logdet = Fl.Squeeze()(x)
+    assert y.shape == (1, 4, 2, 2) and y[0, :, 0, 0].tolist() == [0, 1, 4, 5] and logdet.item() == 0
+    assert torch.equal(Fl.Squeeze().inverse(y), x)
 
 
 @pytest.mark.parametrize("arch,lu", [("glow", False), ("glow", True), ("realnvp", False)])
