@@ -410,7 +410,8 @@ def save_pictures(model, cfg, x_test, name="samples_final.png", n=64):
     out, img = Path(cfg.out), lambda y: to_images(y, cfg.n_bits, cfg.arch, cfg.alpha)
     g = torch.Generator(x_test.device).manual_seed(cfg.seed)
     common.save_grid(img(model.inverse(n=n, temperature=cfg.temperature, generator=g)), out / name)
-    y = preprocess(dequantize(x_test[:16], cfg.n_bits, g), cfg.arch, cfg.alpha)[0]
+    pairs = x_test[: min(16, len(x_test)) // 2 * 2]  # even: row i joins images 2i and 2i + 1
+    y = preprocess(dequantize(pairs, cfg.n_bits, g), cfg.arch, cfg.alpha)[0]
     zs = model(y)[0]  # encode: exact, so the ends of each row are the test images themselves
     w = torch.linspace(0, 1, 8, device=y.device).view(1, 8, *[1] * (y.dim() - 1))
     mix = [((1 - w) * z[0::2, None] + w * z[1::2, None]).flatten(0, 1) for z in zs]  # (64, ...)

@@ -289,3 +289,11 @@ def test_learns_on_real_digits(tmp_path):
         "--batch-size", 64, "--log-every", 25, "--sample-every", 0)  # fmt: skip
     b = {s: r["bpd"] for s, r in logs(tmp_path).items()}
     assert b[25] > 6 and b[150] < b[25] - 1.5, b
+
+
+def test_pictures_with_an_odd_or_small_test_split(tmp_path):
+    """save_pictures pairs test images for the interpolation rows; 5 images make 2 rows, not a
+    crash that would lose the training since the last checkpoint."""
+    m, cfg = Fl.Flow(1, 8, 2, 1, 8), Fl.Config(out=str(tmp_path))
+    Fl.save_pictures(m, cfg, torch.rand(5, 1, 8, 8) * 2 - 1)
+    assert (tmp_path / "interpolation.png").exists() and (tmp_path / "samples_final.png").exists()
