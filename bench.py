@@ -4,7 +4,7 @@ Speed: training and sampling throughput of each model file, optionally beside pe
   python bench.py                                   # ddpm_ddim at the paper's CIFAR-10 size
   python bench.py --device cuda --compile --peers   # + denoising-diffusion-pytorch and diffusers
   python bench.py --tiny --image-size 28 --channels 1
-  python bench.py --models vae,vqvae --peers --image-size 28 --channels 1   # + vector-quantize-pytorch
+  python bench.py --models vae,vqvae --peers --image-size 28 --channels 1  # + vector-quantize
   python bench.py --models gan --image-size 28 --channels 1       # gan.py and cgan_pix2pix.py
   python bench.py --models flow --image-size 28 --channels 1      # flow.py: Glow, RealNVP
 
@@ -51,9 +51,10 @@ def timed(fn, device, repeat):
 # the DDPM U-Net and its peers at matched widths
 def ddpm_nets(args):
     """(name, eps-model) pairs: ours, then each installed peer configured to the same U-Net."""
-    mult, attn = ddpm_ddim.UNET[args.image_size]
-    ch, blocks = (24, 1) if args.tiny else (128, 2)
-    ours = ddpm_ddim.UNet(args.channels, ch, mult, blocks, attn, 0.1, args.image_size)
+    cfg = ddpm_ddim.Config(tiny=args.tiny)
+    unet = ddpm_ddim.model_args(cfg, args.channels, args.image_size)["unet"]
+    ours = ddpm_ddim.UNet(**unet)
+    mult, attn, ch, blocks = unet["ch_mult"], unet["attn_res"], unet["ch"], unet["num_res_blocks"]
     nets = [("ddpm_ddim.UNet", ours)]
     if not args.peers:
         return nets
@@ -62,9 +63,8 @@ def ddpm_nets(args):
         from denoising_diffusion_pytorch import Unet
 
         full = tuple(args.image_size // 2**i in attn for i in range(len(mult)))
-        peer = lambda d: Unet(
-            d, dim_mults=mult, channels=args.channels, dropout=0.1, full_attn=full, flash_attn=True
-        )
+        kw = dict(dim_mults=mult, channels=args.channels, dropout=0.1, full_attn=full)
+        peer = lambda d: Unet(d, flash_attn=True, **kw)
         nets.append((f"denoising_diffusion_pytorch.Unet dim={ch}", peer(ch)))
         n_ours = sum(p.numel() for p in ours.parameters())
         count = lambda d: sum(p.numel() for p in peer(d).parameters())
@@ -72,19 +72,22 @@ def ddpm_nets(args):
         if d != ch:
             nets.append((f"denoising_diffusion_pytorch.Unet dim={d}", peer(d)))
     except ImportError:
-        print(
-            "peer denoising-diffusion-pytorch not installed: pip install denoising-diffusion-pytorch"
-        )
+        print("peer not installed: pip install denoising-diffusion-pytorch")
     try:  # diffusers: the DDPM CIFAR-10 layout (google/ddpm-cifar10-32), one attention head
         from diffusers import UNet2DModel
 
         kinds = ["Attn" if args.image_size // 2**i in attn else "" for i in range(len(mult))]
-        net = UNet2DModel(sample_size=args.image_size, in_channels=args.channels, out_channels=args.channels,
-                          block_out_channels=tuple(ch * m for m in mult), layers_per_block=blocks,
-                          down_block_types=tuple(f"{k}DownBlock2D" for k in kinds),
-                          up_block_types=tuple(f"{k}UpBlock2D" for k in reversed(kinds)),
-                          attention_head_dim=None, dropout=0.1, norm_num_groups=8 if args.tiny else 32,
-                          flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6)  # fmt: skip
+        layout = dict(
+            block_out_channels=tuple(ch * m for m in mult),
+            layers_per_block=blocks,
+            down_block_types=tuple(f"{k}DownBlock2D" for k in kinds),
+            up_block_types=tuple(f"{k}UpBlock2D" for k in reversed(kinds)),
+        )
+        net = UNet2DModel(
+            sample_size=args.image_size, in_channels=args.channels, out_channels=args.channels,
+            attention_head_dim=None, dropout=0.1, norm_num_groups=8 if args.tiny else 32,
+            flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, **layout,
+        )  # fmt: skip
         nets.append(("diffusers.UNet2DModel", DiffusersEps(net)))
     except ImportError:
         print("peer diffusers not installed: pip install diffusers")
@@ -107,9 +110,7 @@ def time_eps_model(name, net, args, device, autocast, sched):
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     net = net.to(device, memory_format=fmt)  # the same memory format for every network
     ema = common.EMA(net)
-    opt = torch.optim.AdamW(
-        net.parameters(), lr=2e-4, weight_decay=0.0, fused=device.type == "cuda"
-    )
+    opt = torch.optim.AdamW(net.parameters(), 2e-4, weight_decay=0.0, fused=device.type == "cuda")
     fwd = torch.compile(net) if args.compile else net
     shape = (args.batch_size, args.channels, args.image_size, args.image_size)
     x0 = torch.randn(shape, device=device).contiguous(memory_format=fmt)
@@ -137,11 +138,20 @@ def time_eps_model(name, net, args, device, autocast, sched):
         ddpm_ddim.ddim_sample(eps, sched, x_T, steps=2)  # warm-up
         t_ddim = timed(lambda: ddpm_ddim.ddim_sample(eps, sched, x_T, steps=50), device, 1)
         t_ddpm = timed(lambda: ddpm_ddim.ddpm_sample(eps, head, x_T), device, 1) * 1000 / 50
-    return {"model": name, "params_M": round(sum(p.numel() for p in net.parameters()) / 1e6, 2),
-            "train_img_s": round(args.batch_size / t_train, 1),
-            "ddim50_img_s": round(args.sample_batch / t_ddim, 2),
-            "ddpm1000_img_s": round(args.sample_batch / t_ddpm, 3),
-            "peak_mem_MiB": round(mem) if mem else None}  # fmt: skip
+    return {
+        "model": name,
+        "params_M": params(net),
+        "train_img_s": round(args.batch_size / t_train, 1),
+        "ddim50_img_s": round(args.sample_batch / t_ddim, 2),
+        "ddpm1000_img_s": round(args.sample_batch / t_ddpm, 3),
+        "peak_mem_MiB": round(mem) if mem else None,
+    }
+
+
+def params(net, trainable=False) -> float:
+    """Parameter count in millions."""
+    n = sum(p.numel() for p in net.parameters() if p.requires_grad or not trainable)
+    return round(n / 1e6, 2)
 
 
 def bench_ddpm(args, device, autocast):
@@ -151,8 +161,12 @@ def bench_ddpm(args, device, autocast):
 
 
 def ddpm_ratios(rows):
-    return [f"ours/{r['model']}: training {rows[0]['train_img_s'] / r['train_img_s']:.2f}x, "
-            f"DDIM-50 sampling {rows[0]['ddim50_img_s'] / r['ddim50_img_s']:.2f}x" for r in rows[1:]]  # fmt: skip
+    ratio = lambda r, k: rows[0][k] / r[k]
+    return [
+        f"ours/{r['model']}: training {ratio(r, 'train_img_s'):.2f}x, "
+        f"DDIM-50 sampling {ratio(r, 'ddim50_img_s'):.2f}x"
+        for r in rows[1:]
+    ]
 
 
 # -----------------------------------------------------------------------------
@@ -176,14 +190,16 @@ def train_rate(net, loss_fn, x, args, device, autocast):
 def bench_vae(args, device, autocast):
     import vae
 
-    net = vae.VAE(args.channels, 16 if args.tiny else 32, 8 if args.tiny else 32, args.image_size).to(device)  # fmt: skip
-    x = torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, device=device).bernoulli()  # fmt: skip
-    rate = train_rate(net, lambda m, x: vae.loss_terms(m, x, "bernoulli")[0], x, args, device, autocast)  # fmt: skip
+    cfg = vae.Config(tiny=args.tiny, likelihood="bernoulli")
+    net = vae.VAE(**vae.model_args(cfg, args.channels, args.image_size)["vae"]).to(device)
+    x = torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, device=device)
+    loss = lambda m, x: vae.loss_terms(m, x, "bernoulli")[0]
+    rate = train_rate(net, loss, x.bernoulli(), args, device, autocast)
     z = torch.randn(args.sample_batch, net.decoder.fc[0].in_features, device=device)
     with torch.inference_mode():
         t = timed(lambda: vae.decoder_mean(net.decoder(z), "bernoulli"), device, args.iters)
-    return [{"model": "vae.VAE", "params_M": round(sum(p.numel() for p in net.parameters()) / 1e6, 2),
-             "train_img_s": rate, "sample_img_s": round(args.sample_batch / t, 1)}], []  # fmt: skip
+    row = {"model": "vae.VAE", "params_M": params(net), "train_img_s": rate}
+    return [dict(row, sample_img_s=round(args.sample_batch / t, 1))], []
 
 
 def bench_vqvae(args, device, autocast):
@@ -196,18 +212,21 @@ def bench_vqvae(args, device, autocast):
 
     h = args.image_size // 4
     z_e = torch.randn(args.batch_size, 64, h, h, device=device, requires_grad=True)
-    quantizers = [("vqvae.VectorQuantizer ema", vqvae.VectorQuantizer(512, 64, ema=True)),
-                  ("vqvae.VectorQuantizer eq3", vqvae.VectorQuantizer(512, 64))]  # fmt: skip
+    quantizers = [
+        ("vqvae.VectorQuantizer ema", vqvae.VectorQuantizer(512, 64, ema=True)),
+        ("vqvae.VectorQuantizer eq3", vqvae.VectorQuantizer(512, 64)),
+    ]
     if args.peers:
-        try:  # EMA decay 0.99, commitment 0.25, dead codes below 1 use restarted, plain straight-through
+        try:  # EMA decay 0.99, commitment 0.25, restarts below 1 use, plain straight-through
             from vector_quantize_pytorch import VectorQuantize
 
-            kw = dict(dim=64, codebook_size=512, decay=0.99, commitment_weight=0.25, accept_image_fmap=True,
-                      threshold_ema_dead_code=1, rotation_trick=False)  # fmt: skip
+            kw = dict(dim=64, codebook_size=512, decay=0.99, commitment_weight=0.25)
+            kw |= dict(accept_image_fmap=True, threshold_ema_dead_code=1, rotation_trick=False)
             quantizers.insert(1, ("vector_quantize_pytorch ema", VectorQuantize(**kw)))
-            quantizers.append(("vector_quantize_pytorch learnable", VectorQuantize(**kw, learnable_codebook=True, ema_update=False)))  # fmt: skip
+            learnable = VectorQuantize(**kw, learnable_codebook=True, ema_update=False)
+            quantizers.append(("vector_quantize_pytorch learnable", learnable))
         except ImportError:
-            print("peer vector-quantize-pytorch not installed: pip install vector-quantize-pytorch")
+            print("peer not installed: pip install vector-quantize-pytorch")
     rows = []
     for name, q in quantizers:
         q, ours = q.to(device).train(), name.startswith("vqvae")
@@ -218,34 +237,47 @@ def bench_vqvae(args, device, autocast):
             (z_q.float().square().mean() + loss.sum()).backward()
 
         timed(step, device, args.warmup)
-        rows.append({"model": name, "quantizer_fwd_bwd_img_s": round(args.batch_size / timed(step, device, args.iters), 1)})  # fmt: skip
-    ratios = [f"ours/{b['model']}: quantizer forward+backward {a['quantizer_fwd_bwd_img_s'] / b['quantizer_fwd_bwd_img_s']:.2f}x"
-              for a, b in zip(rows[::2], rows[1::2]) if len(rows) == 4]  # fmt: skip
-    ch, res = (32, 16) if args.tiny else (128, 32)
-    net = vqvae.VQVAE(args.channels, ch, res, 512, 64).to(device)
-    x = torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, device=device) * 2 - 1  # fmt: skip
+        rate = round(args.batch_size / timed(step, device, args.iters), 1)
+        rows.append({"model": name, "quantizer_fwd_bwd_img_s": rate})
+    k = "quantizer_fwd_bwd_img_s"
+    ratios = [
+        f"ours/{b['model']}: quantizer forward+backward {a[k] / b[k]:.2f}x"
+        for a, b in zip(rows[::2], rows[1::2])
+        if len(rows) == 4
+    ]
+    cfg = vqvae.Config(tiny=args.tiny)
+    net = vqvae.VQVAE(**vqvae.vqvae_args(cfg, args.channels, args.image_size)).to(device)
+    x = torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, device=device)
+    x = x * 2 - 1
 
     def vq_loss(m, x):
         x_hat, codebook_commit, _, _ = m(x)
         return F.mse_loss(x_hat.float(), x) + codebook_commit
 
-    prior = vqvae.CodePrior(512, h * h, *((64, 2, 4) if args.tiny else (256, 6, 8))).to(device)
+    prior = vqvae.CodePrior(**vqvae.prior_args(cfg, 512, h * h)).to(device)
     k = torch.randint(512, (args.batch_size, h * h), device=device)
     prior_loss = lambda m, k: F.cross_entropy(m(k).flatten(0, 1).float(), k.flatten())
+
+    def sample():
+        codes = vqvae.sample_codes(prior.eval(), args.sample_batch, h * h, device=device)
+        return net.decode(codes.view(-1, h, h))
+
     with torch.inference_mode():
-        t = timed(lambda: net.decode(vqvae.sample_codes(prior.eval(), args.sample_batch, h * h, device=device).view(-1, h, h)), device, 1)  # fmt: skip
-    rows.append({"model": "vqvae.VQVAE + CodePrior", "train_img_s": train_rate(net, vq_loss, x, args, device, autocast),
-                 "prior_train_img_s": train_rate(prior.train(), prior_loss, k, args, device, autocast),
-                 "sample_img_s": round(args.sample_batch / t, 1)})  # fmt: skip
+        t = timed(sample, device, 1)
+    row = {"model": "vqvae.VQVAE + CodePrior"}
+    row["train_img_s"] = train_rate(net, vq_loss, x, args, device, autocast)
+    row["prior_train_img_s"] = train_rate(prior.train(), prior_loss, k, args, device, autocast)
+    rows.append(dict(row, sample_img_s=round(args.sample_batch / t, 1)))
     return rows, ratios
 
 
 # -----------------------------------------------------------------------------
 # the GANs: a D step then a G step, as the loops run them; sampling
-def gan_rate(G, D, step_fn, args, device, autocast):
-    """Images/s of step_fn(G, D, opt_g, opt_d) with Adam (0.5, 0.999), as the training loop runs it."""
-    adam = lambda m: torch.optim.Adam(m.parameters(), 2e-4, betas=(0.5, 0.999), fused=device.type == "cuda")  # fmt: skip
-    opt_g, opt_d = adam(G), adam(D)
+def gan_rate(G, D, step_fn, args, device):
+    """Images/s of step_fn(G, D, opt_g, opt_d) with Adam (0.5, 0.999), as the loops run it."""
+    fused = device.type == "cuda"
+    opt_g = torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999), fused=fused)
+    opt_d = torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999), fused=fused)
     G_, D_ = (torch.compile(m) if args.compile else m for m in (G, D))
     step = lambda: step_fn(G_, D_, opt_g, opt_d)
     timed(step, device, args.warmup)
@@ -259,12 +291,15 @@ def bench_gan(args, device, autocast):
     import gan
 
     B, C, S = args.batch_size, args.channels, args.image_size
-    w = 16 if args.tiny else 64
     x = torch.rand(B, C, S, S, device=device) * 2 - 1
     y = torch.randint(10, (B,), device=device)
+    cfg = gan.Config(tiny=args.tiny)
+    dcgan_args = gan.model_args(cfg, C, S)
 
     def dcgan(G, D, opt_g, opt_d, freeze=True):
-        stats, fake = gan.d_step(G, D, opt_d, x, torch.randn(B, 100, device=device), "ns", autocast)
+        with autocast:
+            fake = G(torch.randn(B, 100, device=device))
+        gan.d_step(D, opt_d, x, fake, "ns", autocast)
         if freeze:
             return gan.g_step(D, opt_g, fake, "ns", autocast)
         with autocast:  # the common G step: D's weights get gradients that are thrown away
@@ -288,24 +323,34 @@ def bench_gan(args, device, autocast):
         P.d_step(D, opt_d, b, fake, a, 0.5, autocast)
         P.g_step(D, opt_g, fake, a, b, 100.0, autocast)
 
-    nets = lambda f, *a: [m.to(device) for m in f(*a)]
+    def nets(G, D, kw):
+        return G(**kw["G"]).to(device), D(**kw["D"]).to(device)
+
     rows, z = [], torch.randn(args.sample_batch, 100, device=device)
-    G, D = nets(lambda: (gan.Generator(100, C, w, S), gan.Discriminator(C, w, S)))
-    rows.append({"model": "gan.py DCGAN", "train_img_s": gan_rate(G, D, dcgan, args, device, autocast),
-                 "sample_img_s": round(len(z) / timed(lambda: gan.generate(G, z), device, args.iters), 1)})  # fmt: skip
-    G, D = nets(lambda: (gan.Generator(100, C, w, S), gan.Discriminator(C, w, S)))
-    rows.append({"model": "gan.py DCGAN, D not frozen in G step", "train_img_s": gan_rate(G, D, lambda *m: dcgan(*m, freeze=False), args, device, autocast)})  # fmt: skip
-    G, D = nets(lambda: (P.ConditionalGenerator(100, 10, 50, C, w, S), P.ProjectionDiscriminator(C, w, S, 10)))  # fmt: skip
+    G, D = nets(gan.Generator, gan.Discriminator, dcgan_args)
+    rate = gan_rate(G, D, dcgan, args, device)
+    t = timed(lambda: gan.generate(G, z), device, args.iters)
+    rows.append(
+        {"model": "gan.py DCGAN", "train_img_s": rate, "sample_img_s": round(len(z) / t, 1)}
+    )
+    G, D = nets(gan.Generator, gan.Discriminator, dcgan_args)
+    rate = gan_rate(G, D, lambda *m: dcgan(*m, freeze=False), args, device)
+    rows.append({"model": "gan.py DCGAN, D not frozen in G step", "train_img_s": rate})
+    G, D = nets(P.ConditionalGenerator, P.ProjectionDiscriminator, P.cgan_args(cfg, C, S, 10))
     yz = torch.arange(len(z), device=device) % 10
-    rows.append({"model": "cgan_pix2pix.py cGAN", "train_img_s": gan_rate(G, D, cgan, args, device, autocast),
-                 "sample_img_s": round(len(z) / timed(lambda: P.generate(G, z, yz), device, args.iters), 1)})  # fmt: skip
-    rf = 70 if S2 >= 128 else max(r for r in P.PATCH if r <= S2 // 2)
-    G, D = nets(lambda: (P.UNetGenerator(C, C, w, S2), P.PatchDiscriminator(2 * C, w, P.PATCH[rf])))
-    rows.append({"model": f"cgan_pix2pix.py pix2pix {S2}px", "train_img_s": gan_rate(G, D, pix2pix, args, device, autocast),
-                 "sample_img_s": round(len(a) / timed(lambda: P.translate(G, a), device, args.iters), 1)})  # fmt: skip
-    return rows, [
-        f"freezing D in the G step: training {rows[0]['train_img_s'] / rows[1]['train_img_s']:.2f}x"
-    ]
+    rate = gan_rate(G, D, cgan, args, device)
+    t = timed(lambda: P.generate(G, z, yz), device, args.iters)
+    rows.append(
+        {"model": "cgan_pix2pix.py cGAN", "train_img_s": rate, "sample_img_s": round(len(z) / t, 1)}
+    )
+    p2p_cfg = P.Config(tiny=args.tiny)
+    G, D = nets(P.UNetGenerator, P.PatchDiscriminator, P.pix2pix_args(p2p_cfg, C, C, S2))
+    rate = gan_rate(G, D, pix2pix, args, device)
+    t = timed(lambda: P.translate(G, a), device, args.iters)
+    name = f"cgan_pix2pix.py pix2pix {S2}px"
+    rows.append({"model": name, "train_img_s": rate, "sample_img_s": round(len(a) / t, 1)})
+    freeze = rows[0]["train_img_s"] / rows[1]["train_img_s"]
+    return rows, [f"freezing D in the G step: training {freeze:.2f}x"]
 
 
 def bench_flow(args, device, autocast):
@@ -315,20 +360,18 @@ def bench_flow(args, device, autocast):
 
     S, rows = args.image_size, []
     x = torch.randint(0, 256, (args.batch_size, args.channels, S, S), device=device) / 127.5 - 1
-    for name, arch, lu in (("glow", "glow", False), ("glow --lu", "glow", True), ("realnvp", "realnvp", False)):  # fmt: skip
+    kinds = [("glow", "glow", False), ("glow --lu", "glow", True), ("realnvp", "realnvp", False)]
+    for name, arch, lu in kinds:
         cfg = flow.Config(arch=arch, lu=lu, tiny=args.tiny)
-        net = flow.build_model(cfg, args.channels, S).to(device)
+        net = flow.Flow(**flow.model_args(cfg, args.channels, S)["flow"]).to(device)
         net.initialize(flow.preprocess(flow.dequantize(x, 8), arch)[0])
         loss = lambda m, x, arch=arch: flow.nll_bits(m, x, 8, arch, 0.05).mean()
         rate = train_rate(net, loss, x, args, device, autocast)
+        sample = lambda net=net: net.inverse(n=args.sample_batch, temperature=0.7)
         with torch.inference_mode():
-            t = timed(
-                lambda net=net: net.inverse(n=args.sample_batch, temperature=0.7),
-                device,
-                args.iters,
-            )
-        rows.append({"model": f"flow.py {name}", "params_M": round(sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6, 2),
-                     "train_img_s": rate, "sample_img_s": round(args.sample_batch / t, 1)})  # fmt: skip
+            t = timed(sample, device, args.iters)
+        row = {"model": f"flow.py {name}", "params_M": params(net, trainable=True)}
+        rows.append(dict(row, train_img_s=rate, sample_img_s=round(args.sample_batch / t, 1)))
     return rows, []
 
 
@@ -342,25 +385,23 @@ BENCHES = {
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     p.add_argument("--models", default="ddpm_ddim", help=f"comma-separated: {', '.join(BENCHES)}")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument(
-        "--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 on CUDA"
-    )
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    on_off = argparse.BooleanOptionalAction
+    p.add_argument("--amp", action=on_off, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--tiny", action="store_true", help="the --tiny sizes of the model files")
+    p.add_argument("--channels-last", action=on_off, default=True, help="NHWC (ddpm_ddim)")
     p.add_argument("--peers", action="store_true", help="also time installed peer implementations")
     p.add_argument("--batch-size", type=int, default=128, help="training batch")
-    p.add_argument("--sample-batch", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--sample-batch", type=int, default=64, help="sampling batch")
+    p.add_argument("--image-size", type=int, default=32, help="square images of this size")
+    p.add_argument("--channels", type=int, default=3, help="image channels")
     p.add_argument("--warmup", type=int, default=5, help="untimed training steps")
     p.add_argument("--iters", type=int, default=10, help="timed training steps")
-    p.add_argument("--out", default="bench.json")
+    p.add_argument("--out", default="bench.json", help="the rows as JSON")
     args = p.parse_args(argv)
     unknown = set(args.models.split(",")) - set(BENCHES)
     if unknown:
@@ -369,22 +410,22 @@ def main(argv=None):
         common.die(f"--image-size {args.image_size}: the U-Net takes {sorted(ddpm_ddim.UNET)}")
     cfg = common.Config(device=args.device, amp=args.amp, seed=0)
     device, autocast = common.setup(cfg)
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or device.type
-    )
-    info = {"device": f"{device.type}: {name}", "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "bf16": device.type == "cuda" and args.amp, "compile": args.compile, "tiny": args.tiny, "channels_last": args.channels_last,
-            "batch": args.batch_size, "shape": [args.channels, args.image_size, args.image_size]}  # fmt: skip
+    name = platform.processor() or device.type
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    info = {"device": f"{device.type}: {name}", "threads": torch.get_num_threads()}
+    info |= {"torch": torch.__version__, "bf16": device.type == "cuda" and args.amp}
+    info |= {"compile": args.compile, "tiny": args.tiny, "channels_last": args.channels_last}
+    info |= {"batch": args.batch_size, "shape": [args.channels, args.image_size, args.image_size]}
     print(json.dumps(info))
     rows = []
     for m in args.models.split(","):
         part, ratios = BENCHES[m](args, device, autocast)
         cols = list(dict.fromkeys(k for r in part for k in r))  # a table per model file
-        print(" | ".join(f"{c:>14}" if i else f"{c:<34}" for i, c in enumerate(cols)))
+        cell = lambda i, v: f"{str(v):>14}" if i else f"{v:<34}"
+        print(" | ".join(cell(i, c) for i, c in enumerate(cols)))
         for r in part:
-            print(" | ".join(f"{str(r.get(c, '')):>14}" if i else f"{r[c]:<34}" for i, c in enumerate(cols)))  # fmt: skip
+            print(" | ".join(cell(i, r.get(c, "")) for i, c in enumerate(cols)))
         print("\n".join(ratios))
         rows += part
     with open(args.out, "w") as f:

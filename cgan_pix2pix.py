@@ -21,7 +21,7 @@ statistics), as the paper does. Images are in [-1, 1]. Left out: the image pool,
   python cgan_pix2pix.py --task pix2pix --data-dir ../shared/data     # built-in mnist-edges
   python cgan_pix2pix.py --task pix2pix --dataset aligned --data-dir datasets/facades \\
       --batch-size 1 --steps 80000 --direction BtoA                   # the paper's facades setup
-  python cgan_pix2pix.py --sample 100                                 # 10 per class, labels in arr_1
+  python cgan_pix2pix.py --sample 100                  # 10 per class, labels in arr_1
 """
 
 import contextlib
@@ -95,9 +95,11 @@ class ConditionalGenerator(nn.Module):
         super().__init__()
         n, s0 = stages(size)
         c = ngf * 2 ** (n - 1)
-        layers = [nn.ConvTranspose2d(z_dim + emb_dim, c, s0, 1, 0, bias=False), bn(c), nn.ReLU(True)]  # fmt: skip
+        first = nn.ConvTranspose2d(z_dim + emb_dim, c, s0, 1, 0, bias=False)
+        layers = [first, bn(c), nn.ReLU(True)]
         for _ in range(n - 1):  # (B, c, s, s) -> (B, c/2, 2s, 2s)
-            layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), bn(c // 2), nn.ReLU(True)]  # fmt: skip
+            up = nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False)
+            layers += [up, bn(c // 2), nn.ReLU(True)]
             c //= 2
         self.net = nn.Sequential(*layers, nn.ConvTranspose2d(c, out_ch, 4, 2, 1), nn.Tanh())
         self.embed = nn.Embedding(n_classes, emb_dim)
@@ -117,7 +119,8 @@ class ProjectionDiscriminator(nn.Module):
         n, s0 = stages(size)
         layers, c = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf  # no BN here
         for _ in range(n - 1):
-            layers += [nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False), bn(2 * c), nn.LeakyReLU(0.2, True)]  # fmt: skip
+            down = nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False)
+            layers += [down, bn(2 * c), nn.LeakyReLU(0.2, True)]
             c *= 2
         self.features = nn.Sequential(*layers)  # phi(x): (B, c, s0, s0)
         self.psi = nn.Conv2d(c, 1, s0)  # the unconditional logit: DCGAN's last layer
@@ -147,13 +150,16 @@ class UNetGenerator(nn.Module):
         self.down = nn.ModuleList([nn.Conv2d(in_ch, w[0], 4, 2, 1)])  # no BN on the first layer
         for i in range(1, n):  # the 1x1 bottleneck has no BN: a batch of 1 would zero it
             norm = [bn(w[i])] if i < n - 1 else []
-            self.down.append(nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(w[i - 1], w[i], 4, 2, 1, bias=not norm), *norm))  # fmt: skip
+            conv = nn.Conv2d(w[i - 1], w[i], 4, 2, 1, bias=not norm)
+            self.down.append(nn.Sequential(nn.LeakyReLU(0.2), conv, *norm))
         self.up = nn.ModuleList()
         for j, i in enumerate(reversed(range(1, n))):  # innermost first: 1x1 -> 2x2 -> ...
             c_in = w[i] if j == 0 else 2 * w[i]  # decoder features + the encoder's skip
             drop = [nn.Dropout(0.5)] if j < n_dropout else []  # the first 3 decoder layers (CD512)
-            self.up.append(nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(c_in, w[i - 1], 4, 2, 1, bias=False), bn(w[i - 1]), *drop))  # fmt: skip
-        self.up.append(nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(2 * w[0], out_ch, 4, 2, 1), nn.Tanh()))  # fmt: skip
+            up = nn.ConvTranspose2d(c_in, w[i - 1], 4, 2, 1, bias=False)
+            self.up.append(nn.Sequential(nn.ReLU(), up, bn(w[i - 1]), *drop))
+        last = nn.ConvTranspose2d(2 * w[0], out_ch, 4, 2, 1)
+        self.up.append(nn.Sequential(nn.ReLU(), last, nn.Tanh()))
         self.apply(init_weights)
 
     def forward(self, x):
@@ -176,7 +182,8 @@ class PatchDiscriminator(nn.Module):
         layers, c = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf  # no BN here
         for i in range(1, n_layers + 1):  # stride 2, then one stride-1 layer before the output
             c2 = ndf * min(2**i, 8)
-            layers += [nn.Conv2d(c, c2, 4, 2 if i < n_layers else 1, 1, bias=False), bn(c2), nn.LeakyReLU(0.2, True)]  # fmt: skip
+            conv = nn.Conv2d(c, c2, 4, 2 if i < n_layers else 1, 1, bias=False)
+            layers += [conv, bn(c2), nn.LeakyReLU(0.2, True)]
             c = c2
         self.net = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
         self.apply(init_weights)
@@ -197,10 +204,12 @@ PATCH = {16: 1, 34: 2, 70: 3, 142: 4, 286: 5}  # receptive field -> PatchGAN n_l
 
 
 # -----------------------------------------------------------------------------
-# method: losses on D's logits (means over the batch and, for PatchGAN, over patches), the steps
+# method: losses on D's logits (means over the batch and, for PatchGAN, over patches), and the
+# D and G steps of gan.py with the condition c passed to D
 def d_loss(real, fake):
     """-V(D, G) = -E log D(x, c) - E log(1 - D(G(z, c), c)): BCE, target 1 on reals, 0 on fakes."""
-    return F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))  # fmt: skip
+    bce = F.binary_cross_entropy_with_logits
+    return bce(real, torch.ones_like(real)) + bce(fake, torch.zeros_like(fake))
 
 
 def g_loss(fake):
@@ -223,7 +232,8 @@ def d_step(D, opt_d, real, fake, c, scale=1.0, autocast=None):
     opt_d.step()
     real_l, fake_l = real_l.detach().float(), fake_l.detach().float()
     acc = ((real_l > 0).float().mean() + (fake_l < 0).float().mean()) / 2
-    return dict(loss_d=loss.detach(), d_x=torch.sigmoid(real_l).mean(), d_gz=torch.sigmoid(fake_l).mean(), d_acc=acc)  # fmt: skip
+    d_x, d_gz = torch.sigmoid(real_l).mean(), torch.sigmoid(fake_l).mean()
+    return dict(loss_d=loss.detach(), d_x=d_x, d_gz=d_gz, d_acc=acc)
 
 
 def g_step(D, opt_g, fake, c, target=None, lambda_l1=100.0, autocast=None):
@@ -285,7 +295,7 @@ def load_aligned(root, split: str, size: int):
     folder = Path(root) / split
     files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not files:
-        common.die(f"no images in {folder} (pix2pix layout: train/ and val/ of side-by-side A|B images)")  # fmt: skip
+        common.die(f"no images in {folder} (pix2pix: train/ and val/ of side-by-side A|B images)")
     A, B = [], []
     for p in files:
         try:
@@ -294,7 +304,8 @@ def load_aligned(root, split: str, size: int):
             common.die(f"cannot read {p}: {e}")
         w, h = img.size
         for half, out in ((0, A), (1, B)):  # left half is A, right half is B
-            im = img.crop((half * w // 2, 0, (half + 1) * w // 2, h)).resize((size, size), Image.BICUBIC)  # fmt: skip
+            im = img.crop((half * w // 2, 0, (half + 1) * w // 2, h))
+            im = im.resize((size, size), Image.BICUBIC)
             out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
     return torch.stack(A), torch.stack(B), torch.zeros(len(A), dtype=torch.long)
 
@@ -318,122 +329,196 @@ def pairs(cfg, train: bool):
     return load_aligned(cfg.data_dir, split, cfg.image_size or 256)
 
 
-def split_ab(ab, cfg, a_ch: int):
+def split_ab(ab, direction: str, a_ch: int):
     """Channel-stacked pairs -> (input, target) in the order --direction asks for."""
     a, b = ab[:, :a_ch], ab[:, a_ch:]
-    return (a, b) if cfg.direction == "AtoB" else (b, a)
+    return (a, b) if direction == "AtoB" else (b, a)
 
 
 # -----------------------------------------------------------------------------
-# training
+# training: the two tasks share the D and G steps, the optimizers and the checkpoint
 def check_flags(cfg: Config):
-    """Flags with a fixed set or range of values: a wrong one is a one-line error before any work."""
+    """A flag outside its set or range of values is a one-line error, before any work; also
+    resolves the task's default dataset."""
     if cfg.task not in ("cgan", "pix2pix"):
         common.die(f"--task {cfg.task!r}: choose cgan or pix2pix")
     cfg.dataset = cfg.dataset or ("mnist" if cfg.task == "cgan" else "mnist-edges")
     if cfg.task == "pix2pix" and cfg.dataset not in ("mnist-edges", "aligned"):
-        common.die(f"--dataset {cfg.dataset!r} for pix2pix: mnist-edges or aligned (A|B pairs in --data-dir/train, val)")  # fmt: skip
+        common.die(
+            f"--dataset {cfg.dataset!r} for pix2pix: mnist-edges or aligned "
+            "(A|B pairs in --data-dir/train, val)"
+        )
     if cfg.task == "cgan" and cfg.dataset in ("mnist-edges", "aligned", "celeba"):
         common.die(f"--dataset {cfg.dataset!r} has no class labels for --task cgan")
     if cfg.direction not in ("AtoB", "BtoA"):
         common.die(f"--direction {cfg.direction!r}: AtoB or BtoA")
     if cfg.patch and cfg.patch not in PATCH:
         common.die(f"--patch {cfg.patch}: a PatchGAN receptive field, one of {sorted(PATCH)}")
-    for name, lo in [("steps", 0), ("batch_size", 1), ("sample", 0), ("z_dim", 1), ("emb_dim", 1), ("ngf", 1), ("ndf", 1), ("lambda_l1", 0)]:  # fmt: skip
+    at_least = dict(steps=0, batch_size=1, sample=0, z_dim=1, emb_dim=1, ngf=1, ndf=1)
+    for name, lo in dict(at_least, lambda_l1=0).items():
         if getattr(cfg, name) < lo:
             common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
 
 
-def build_models(cfg: Config, meta: dict):
-    """(G, D) for the task and image size in meta; an unsupported size is a one-line error."""
-    (ngf, ndf), size = (16, 16) if cfg.tiny else (cfg.ngf, cfg.ndf), meta["size"]
-    if cfg.task == "cgan":
-        if not stages(size):
-            common.die(f"image size {size} does not fit DCGAN (16, 28, 32, 48, 64, ...); set --image-size")  # fmt: skip
-        G = ConditionalGenerator(cfg.z_dim, meta["n_classes"], cfg.emb_dim, meta["out_ch"], ngf, size)  # fmt: skip
-        return G, ProjectionDiscriminator(meta["out_ch"], ndf, size, meta["n_classes"])
+def cgan_args(cfg: Config, ch: int, size: int, n_classes: int) -> dict:
+    """The cGAN's G and D constructor arguments (saved as model_args)."""
+    if not stages(size):
+        common.die(
+            f"image size {size} does not fit DCGAN (16, 28, 32, 48, 64, ...); set --image-size"
+        )
+    ngf, ndf = (16, 16) if cfg.tiny else (cfg.ngf, cfg.ndf)
+    G = dict(z_dim=cfg.z_dim, n_classes=n_classes, emb_dim=cfg.emb_dim, out_ch=ch, ngf=ngf)
+    return {"G": dict(G, size=size), "D": dict(in_ch=ch, ndf=ndf, size=size, n_classes=n_classes)}
+
+
+def pix2pix_args(cfg: Config, in_ch: int, out_ch: int, size: int) -> dict:
+    """pix2pix's U-Net and PatchGAN constructor arguments (saved as model_args)."""
     if size < 16 or size & (size - 1):
-        common.die(f"image size {size} does not fit the U-Net (a power of two >= 16); set --image-size")  # fmt: skip
+        common.die(
+            f"image size {size} does not fit the U-Net (a power of two >= 16); set --image-size"
+        )
     rf = cfg.patch or (70 if size >= 128 else max(r for r in PATCH if r <= size // 2))
     if size // 2 ** PATCH[rf] < 3:
-        common.die(f"--patch {rf} needs images of at least {3 * 2 ** PATCH[rf]} pixels, not {size}")  # fmt: skip
-    G = UNetGenerator(meta["in_ch"], meta["out_ch"], ngf, size)
-    return G, PatchDiscriminator(meta["in_ch"] + meta["out_ch"], ndf, PATCH[rf])
+        common.die(f"--patch {rf} needs images of at least {3 * 2 ** PATCH[rf]} pixels, not {size}")
+    ngf, ndf = (16, 16) if cfg.tiny else (cfg.ngf, cfg.ndf)
+    G = dict(in_ch=in_ch, out_ch=out_ch, ngf=ngf, size=size)
+    return {"G": G, "D": dict(in_ch=in_ch + out_ch, ndf=ndf, n_layers=PATCH[rf])}
+
+
+def optimizers(cfg: Config, G, D, device):
+    """One Adam per network, betas (0.5, 0.999) as DCGAN and pix2pix."""
+    betas, fused = (cfg.beta1, cfg.beta2), device.type == "cuda"
+    opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=betas, fused=fused)
+    return opt_g, torch.optim.Adam(D.parameters(), cfg.lr, betas=betas, fused=fused)
+
+
+def resume(cfg: Config, data, G, D, opt_g, opt_d) -> int:
+    """--resume: both networks and optimizers from <out>/ckpt.pt; returns its step."""
+    ck = common.resume(cfg, data, need=("G", "D", "opt_g", "opt_d", "task"))
+    if ck["task"] != cfg.task:
+        common.die(f"{cfg.out}/ckpt.pt is not a cgan_pix2pix.py --task {cfg.task} checkpoint")
+    for m, k in [(G, "G"), (D, "D"), (opt_g, "opt_g"), (opt_d, "opt_d")]:
+        common.load_state(m, ck[k], k)
+    return ck["step"]
 
 
 def train(cfg: Config):
-    """Alternate D and G steps with Adam (+ the linear decay for pix2pix); returns (G, D)."""
+    """Train the --task's networks; returns (G, D)."""
     check_flags(cfg)  # also resolves the task's default dataset
+    return train_cgan(cfg) if cfg.task == "cgan" else train_pix2pix(cfg)
+
+
+def train_cgan(cfg: Config):
+    """The class-conditional GAN: a D step then a G step on each (image, label) batch."""
     device, autocast = common.setup(cfg)
-    if cfg.task == "cgan":
-        x, y = common.load_images(cfg, train=True)
-        if y.dim() != 1:
-            common.die(f"--dataset {cfg.dataset} has no class labels for --task cgan")
-        meta = dict(size=x.shape[-1], out_ch=x.shape[1], n_classes=int(y.max()) + 1)
-        flip = cfg.dataset not in ("mnist", "fashion")
-    else:
-        a, b, y = pairs(cfg, train=True)
-        x, flip = torch.cat([a, b], 1), False  # (N, C_A + C_B, S, S); flips are in the jitter
-        a_ch, (in_ch, out_ch) = a.shape[1], (a.shape[1], b.shape[1])[:: 1 if cfg.direction == "AtoB" else -1]  # fmt: skip
-        meta = dict(size=x.shape[-1], in_ch=in_ch, out_ch=out_ch, a_ch=a_ch)
-        va, vb, _ = pairs(cfg, train=False)
-        fixed = split_ab(torch.cat([va[:8], vb[:8]], 1).to(device).float() / 127.5 - 1, cfg, a_ch)
-    G, D = (m.to(device) for m in build_models(cfg, meta))
+    x, y = common.load_images(cfg, train=True)
+    if y.dim() != 1:
+        common.die(f"--dataset {cfg.dataset} has no class labels for --task cgan")
+    args = cgan_args(cfg, x.shape[1], x.shape[-1], int(y.max()) + 1)
+    G = ConditionalGenerator(**args["G"]).to(device)
+    D = ProjectionDiscriminator(**args["D"]).to(device)
+    opt_g, opt_d = optimizers(cfg, G, D, device)
+    flip = cfg.dataset not in ("mnist", "fashion")
     data = common.Batches(x, y, cfg.batch_size, cfg.seed, device, flip=flip)
-    adam = lambda m: torch.optim.Adam(m.parameters(), cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")  # fmt: skip
-    opt_g, opt_d = adam(G), adam(D)
-    start = 0
-    if cfg.resume:
-        ck = common.resume(cfg, data, need=("G", "D", "meta"))
-        if ck["meta"].get("task") != cfg.task:
-            common.die(f"{cfg.out}/ckpt.pt is not a cgan_pix2pix.py --task {cfg.task} checkpoint")
-        for m, k in [(G, "G"), (D, "D"), (opt_g, "opt_g"), (opt_d, "opt_d")]:
-            common.load_state(m, ck[k], k)
-        start = ck["step"]
+    start = resume(cfg, data, G, D, opt_g, opt_d) if cfg.resume else 0
     G_, D_ = common.wrap(G, cfg, device), common.wrap(D, cfg, device)
-    if cfg.task == "cgan":  # a grid with one row per class, one fixed z per column
-        C = meta["n_classes"]
-        z_fixed = torch.randn(10, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device).repeat(C, 1)  # fmt: skip
-        y_fixed = torch.arange(C, device=device).repeat_interleave(10)
-    load = cfg.load_size or round(meta["size"] * 286 / 256)
-    log, stop = common.Logger(cfg, start), common.Stopper()
+    C = args["G"]["n_classes"]  # a grid with one row per class, one fixed z per column
+    z_fixed = torch.randn(10, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    z_fixed, y_fixed = z_fixed.repeat(C, 1).to(device), torch.arange(C).repeat_interleave(10)
+    loop = common.Loop(cfg, data, start)
     if common.rank() == 0:
         n = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (G, D)]
-        print(f"cgan_pix2pix: {cfg.task}, G {n[0]:.2f}M + D {n[1]:.2f}M params, {cfg.dataset}, {len(x)} images {tuple(x.shape[1:])}, {device}, from step {start}")  # fmt: skip
+        print(
+            f"cgan_pix2pix: cgan, G {n[0]:.2f}M + D {n[1]:.2f}M params, {cfg.dataset}, "
+            f"{len(x)} images {tuple(x.shape[1:])}, {C} classes, {device}, from step {start}"
+        )
     for step in range(start, cfg.steps):
-        lr = cfg.lr * (lr_factor(step, cfg.steps) if cfg.task == "pix2pix" else 1.0)
-        for g in [*opt_g.param_groups, *opt_d.param_groups]:  # from the step alone: exact resume
-            g["lr"] = lr
-        xb, yb = next(data)
-        with autocast:  # the fakes, and the condition c that D sees with them
-            if cfg.task == "cgan":
-                real, c = xb, yb
-                fake = G_(torch.randn(len(xb), cfg.z_dim, device=device), yb)
-            else:
-                xb = jitter(xb, load, meta["size"]) if cfg.dataset == "aligned" else xb
-                c, real = split_ab(xb, cfg, meta["a_ch"])
-                fake = G_(c)
-        # ---- D step: real and detached fake pairs; pix2pix halves D's loss
-        stats = d_step(D_, opt_d, real, fake, c, 0.5 if cfg.task == "pix2pix" else 1.0, autocast)
-        # ---- G step: the same fakes through the updated D (+ lambda L1 for pix2pix)
-        stats |= g_step(D_, opt_g, fake, c, real if cfg.task == "pix2pix" else None, cfg.lambda_l1, autocast)  # fmt: skip
-        log.add(**stats)
-        done, stopping = step + 1, stop(step + 1)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            log.log(done, lr=lr)
-        if common.rank() == 0 and (cfg.sample_every and done % cfg.sample_every == 0 or done == cfg.steps):  # fmt: skip
-            path = Path(cfg.out) / f"samples_{done:06d}.png"
-            if cfg.task == "cgan":
-                common.save_grid(generate(G, z_fixed, y_fixed), path, nrow=10)
-            else:
-                save_triplets(fixed[0], translate(G, fixed[0]), fixed[1], path)
-        if done == cfg.steps or stopping or cfg.ckpt_every and done % cfg.ckpt_every == 0:
-            log.check(done)  # never overwrite a good checkpoint with nan weights
-            common.checkpoint(cfg, done, data, G=G.state_dict(), D=D.state_dict(), opt_g=opt_g.state_dict(),
-                              opt_d=opt_d.state_dict(), meta=dict(meta, task=cfg.task))  # fmt: skip
-        if stopping:
-            print(f"stopped by signal at step {done}; checkpoint saved to {cfg.out}/ckpt.pt", flush=True)  # fmt: skip
+        done = step + 1
+        real, c = next(data)
+        with autocast:  # the fakes of this step, for the labels c that D sees them with
+            fake = G_(torch.randn(len(real), cfg.z_dim, device=device), c)
+
+        # D step: real and detached fake (image, label) pairs
+        stats = d_step(D_, opt_d, real, fake, c, autocast=autocast)
+
+        # G step: the same fakes through the updated D
+        stats |= g_step(D_, opt_g, fake, c, autocast=autocast)
+
+        # log
+        loop.add(**stats)
+        if common.due(done, cfg.log_every, cfg.steps, first=start + 1):
+            loop.log(done)
+
+        # checkpoint (when due, and on Ctrl-C / SIGTERM, which also stops the loop)
+        state = dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d, model_args=args, task="cgan")
+        if loop.end_step(done, **state):
             break
+
+        # sample a fixed-noise grid (after the checkpoint: a picture never costs one)
+        if cfg.sample_every and common.due(done, cfg.sample_every, cfg.steps, first=200):
+            if common.rank() == 0:
+                path = Path(cfg.out) / f"samples_{done:06d}.png"
+                loop.aside(save_class_grid, G, z_fixed, y_fixed.to(device), path)
+    return G, D
+
+
+def train_pix2pix(cfg: Config):
+    """pix2pix: a D step then a G step on each batch of (input, target) pairs, with the learning
+    rate decaying linearly to 0 over the second half."""
+    device, autocast = common.setup(cfg)
+    a, b, y = pairs(cfg, train=True)
+    ab, a_ch = torch.cat([a, b], 1), a.shape[1]  # (N, C_A + C_B, S, S); flips are in the jitter
+    size, load = ab.shape[-1], cfg.load_size or round(ab.shape[-1] * 286 / 256)
+    in_ch, out_ch = (a_ch, b.shape[1]) if cfg.direction == "AtoB" else (b.shape[1], a_ch)
+    args = pix2pix_args(cfg, in_ch, out_ch, size)
+    G, D = UNetGenerator(**args["G"]).to(device), PatchDiscriminator(**args["D"]).to(device)
+    opt_g, opt_d = optimizers(cfg, G, D, device)
+    data = common.Batches(ab, y, cfg.batch_size, cfg.seed, device)
+    start = resume(cfg, data, G, D, opt_g, opt_d) if cfg.resume else 0
+    G_, D_ = common.wrap(G, cfg, device), common.wrap(D, cfg, device)
+    va, vb, _ = pairs(cfg, train=False)  # 8 test pairs for the pictures
+    fixed = torch.cat([va[:8], vb[:8]], 1).to(device).float() / 127.5 - 1
+    x_fixed, target_fixed = split_ab(fixed, cfg.direction, a_ch)
+    loop = common.Loop(cfg, data, start)
+    if common.rank() == 0:
+        n = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (G, D)]
+        print(
+            f"cgan_pix2pix: pix2pix, G {n[0]:.2f}M + D {n[1]:.2f}M params, {cfg.dataset}, "
+            f"{len(ab)} pairs {tuple(ab.shape[1:])}, {device}, from step {start}"
+        )
+    for step in range(start, cfg.steps):
+        done = step + 1
+        lr = cfg.lr * lr_factor(step, cfg.steps)  # from the step alone: exact resume
+        for g in [*opt_g.param_groups, *opt_d.param_groups]:
+            g["lr"] = lr
+        pair = next(data)[0]
+        if cfg.dataset == "aligned":  # random resize-crop and mirror, one draw per pair
+            pair = jitter(pair, load, size)
+        x, target = split_ab(pair, cfg.direction, a_ch)
+        with autocast:  # G(x): dropout is the noise z
+            fake = G_(x)
+
+        # D step: (target, x) and detached (G(x), x) pairs; D's loss is halved (Sec. 3.3)
+        stats = d_step(D_, opt_d, target, fake, x, scale=0.5, autocast=autocast)
+
+        # G step: L_cGAN + lambda L_L1 (Eq. 4), through the updated D
+        stats |= g_step(D_, opt_g, fake, x, target, cfg.lambda_l1, autocast)
+
+        # log
+        loop.add(**stats)
+        if common.due(done, cfg.log_every, cfg.steps, first=start + 1):
+            loop.log(done, lr=lr)
+
+        # checkpoint (when due, and on Ctrl-C / SIGTERM, which also stops the loop)
+        state = dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d, model_args=args, task="pix2pix")
+        if loop.end_step(done, **state, a_ch=a_ch):
+            break
+
+        # picture of fixed test pairs (after the checkpoint: a picture never costs one)
+        if cfg.sample_every and common.due(done, cfg.sample_every, cfg.steps, first=200):
+            if common.rank() == 0:
+                path = Path(cfg.out) / f"samples_{done:06d}.png"
+                loop.aside(save_translations, G, x_fixed, target_fixed, path)
     return G, D
 
 
@@ -441,57 +526,75 @@ def train(cfg: Config):
 # sampling and evaluation
 def save_triplets(x, out, target, path):
     """One row per example: input | output | target."""
-    x, out, target = (t.expand(-1, max(x.shape[1], out.shape[1]), -1, -1) for t in (x, out, target))
+    c = max(x.shape[1], out.shape[1])
+    x, out, target = (t.expand(-1, c, -1, -1) for t in (x, out, target))
     common.save_grid(torch.stack([x, out, target], 1).flatten(0, 1), path, nrow=3)
 
 
+def save_class_grid(G, z, y, path):
+    common.save_grid(generate(G, z, y), path, nrow=10)  # 10 fixed z per row, a row per class
+
+
+def save_translations(G, x, target, path):
+    save_triplets(x, translate(G, x), target, path)
+
+
 def load_trained(cfg: Config):
-    """G of <out>/ckpt.pt, built from the flags and data shapes it was trained with."""
-    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt")
-    if not {"G", "meta", "config"} <= ck.keys() or "task" not in ck["meta"]:
-        common.die(f"{cfg.out}/ckpt.pt is not a cgan_pix2pix.py checkpoint")
-    fields = {f.name for f in dataclasses.fields(Config)}
-    mcfg = Config(**{k: v for k, v in ck["config"].items() if k in fields})  # the trained flags
+    """G of <out>/ckpt.pt, rebuilt from the checkpoint's model_args, and the checkpoint."""
+    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt", need=("G", "model_args", "task"))
     device, _ = common.setup(cfg)
-    G = build_models(mcfg, ck["meta"])[0].to(device)
+    G = {"cgan": ConditionalGenerator, "pix2pix": UNetGenerator}[ck["task"]]
+    G = G(**ck["model_args"]["G"]).to(device)
     common.load_state(G, ck["G"], "generator")
-    return G, mcfg, ck["meta"], device
+    return G, ck, device
 
 
 def sample(cfg: Config):
-    """--sample N. cgan: N images, labels 0, 1, 2, ... cycling (arr_1), and a grid with one row
-    per class. pix2pix: the first N test inputs translated, a grid of input | output | target,
+    """--sample N: cgan: N images, labels 0, 1, 2, ... cycling (arr_1), one column per class in
+    samples.png. pix2pix: the first N test inputs translated, a grid of input | output | target,
     and L1 / PSNR against the targets on stdout and in <out>/pix2pix_eval.jsonl."""
-    G, mcfg, meta, device = load_trained(cfg)
-    if mcfg.task == "cgan":
-        C = meta["n_classes"]
-        g = torch.Generator(device).manual_seed(cfg.seed)
-        y = torch.arange(cfg.sample, device=device) % C
-        x = generate(G, torch.randn(cfg.sample, mcfg.z_dim, device=device, generator=g), y, cfg.batch_size)  # fmt: skip
-        common.save_samples(cfg.out, x, y)
-        k = min(10, cfg.sample // C)  # samples per row, one row per class
-        if k:
-            common.save_grid(torch.cat([x[y == c][:k] for c in range(C)]), Path(cfg.out) / "samples.png", nrow=k)  # fmt: skip
-        print(f"wrote {cfg.sample} samples (labels in arr_1) to {cfg.out}/samples.npz and samples.png")  # fmt: skip
-        return
-    cfg = dataclasses.replace(mcfg, data_dir=cfg.data_dir, download=cfg.download, out=cfg.out, sample=cfg.sample, batch_size=cfg.batch_size)  # fmt: skip
+    G, ck, device = load_trained(cfg)
+    if ck["task"] == "pix2pix":
+        return sample_pix2pix(cfg, G, ck, device)
+    C, z_dim = ck["model_args"]["G"]["n_classes"], ck["model_args"]["G"]["z_dim"]
+    g = torch.Generator(device).manual_seed(cfg.seed)
+    y = torch.arange(cfg.sample, device=device) % C
+    z = torch.randn(cfg.sample, z_dim, device=device, generator=g)
+    common.save_samples(cfg.out, generate(G, z, y, cfg.batch_size), y, nrow=C)
+    print(f"wrote {cfg.sample} samples (labels in arr_1) to {cfg.out}/samples.npz and samples.png")
+
+
+def sample_pix2pix(cfg: Config, G, ck: dict, device):
+    """--sample N of a pix2pix run, on the test split of the data it was trained on."""
+    cfg = common.from_run(cfg, ck)  # the run's --dataset and --data-dir unless given here
+    cfg.direction, cfg.image_size = ck["config"]["direction"], ck["model_args"]["G"]["size"]
     a, b, labels = pairs(cfg, train=False)
     n = min(cfg.sample, len(a))
-    x, target = split_ab(torch.cat([a[:n], b[:n]], 1).float() / 127.5 - 1, cfg, meta["a_ch"])
+    x, target = split_ab(
+        torch.cat([a[:n], b[:n]], 1).float() / 127.5 - 1, cfg.direction, ck["a_ch"]
+    )
     torch.manual_seed(cfg.seed)  # the dropout noise
-    out = torch.cat([translate(G, xb.to(device), cfg.batch_size).cpu() for xb in x.split(cfg.batch_size)])  # fmt: skip
+    out = torch.cat([translate(G, xb.to(device)).cpu() for xb in x.split(cfg.batch_size)])
     if cfg.dataset == "mnist-edges":  # back to the 28x28 digits that evaluate.py classifies
         out, target, x = (t[..., 2:30, 2:30] for t in (out, target, x))
     common.save_samples(cfg.out, out, labels[:n] if cfg.dataset == "mnist-edges" else None)
     save_triplets(x[:16], out[:16], target[:16], Path(cfg.out) / "samples.png")  # replaces it
     o, t = (out + 1) / 2, (target + 1) / 2  # [0, 1] pixels for the metrics
     mse = (o - t).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    res = {"n": n, "l1": (o - t).abs().mean().item(), "psnr": (10 * torch.log10(1 / mse)).mean().item(),
-           "l1_input_as_output": ((x + 1) / 2 - t).abs().mean().item() if x.shape == t.shape else None,
-           "dataset": cfg.dataset, "direction": cfg.direction}  # fmt: skip
+    copy_l1 = ((x + 1) / 2 - t).abs().mean().item() if x.shape == t.shape else None
+    res = {
+        "n": n,
+        "l1": (o - t).abs().mean().item(),
+        "psnr": (10 * torch.log10(1 / mse)).mean().item(),
+    }
+    res |= {"l1_input_as_output": copy_l1, "dataset": cfg.dataset, "direction": cfg.direction}
     print(json.dumps(res))
     with open(Path(cfg.out) / "pix2pix_eval.jsonl", "a") as f:
         f.write(json.dumps(res) + "\n")
+    print(
+        f"wrote {n} translations to {cfg.out}/samples.npz and samples.png (input | output | "
+        "target); L1 and PSNR in pix2pix_eval.jsonl"
+    )
 
 
 if __name__ == "__main__":

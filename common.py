@@ -2,18 +2,20 @@
 EMA, image grids, atomic checkpoints with exact resume, logging, signals. No model lives here."""
 
 import argparse
+import ast
 import contextlib
 import copy
 import dataclasses
 import inspect
+import io
 import json
 import math
 import os
 import random
-import re
 import signal
 import sys
 import time
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -27,49 +29,72 @@ def die(msg: str, code: int = 2):
     sys.exit(code)
 
 
-# --- config: a dataclass is the single source of flags; its trailing comments are the -h text
+# --- config: a dataclass is the single source of flags; the comment on a field is its -h text
 @dataclasses.dataclass
 class Config:
-    dataset: str = "mnist"  # mnist | fashion | cifar10 | celeba | folder:PATH (ImageFolder)
+    dataset: str = "mnist"  # mnist | fashion | cifar10 | celeba | folder:PATH (README: layouts)
     data_dir: str = "./data"  # where torchvision finds (or downloads) the dataset
     download: bool = True  # let torchvision download a missing dataset
-    image_size: int = 0  # 0: the dataset's own (28 digits, 32 CIFAR-10, 64 CelebA and folders)
+    image_size: int = 0  # 0: the data's own (28 digits, 32 CIFAR-10, 64 CelebA, a folder's)
     out: str = ""  # output folder; default runs/<script>
     steps: int = 100000  # optimizer steps
     batch_size: int = 128  # global batch, split over DDP ranks
     lr: float = 2e-4  # peak learning rate
-    seed: int = 0
+    seed: int = 0  # seeds weights, data order and noise (each DDP rank adds its rank)
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
+    threads: int = 0  # torch CPU threads; 0: OMP_NUM_THREADS if set, else half the CPUs
     compile: bool = False  # torch.compile the training model
     amp: bool = True  # bf16 autocast on CUDA (ignored elsewhere)
     tiny: bool = False  # a small model for CPU runs and tests
-    log_every: int = 100
-    sample_every: int = 1000  # 0: never
+    log_every: int = 100  # a log line (stdout and log.jsonl) every N steps and at the first
+    sample_every: int = 1000  # a sample grid every N steps and at step 200; 0: never
     ckpt_every: int = 1000  # 0: only at the end
     resume: bool = False  # continue from <out>/ckpt.pt
     sample: int = 0  # N > 0: no training; load <out>/ckpt.pt, write N samples
 
 
-def parse(cls, script: str, argv=None):
-    """Build argparse from a Config dataclass: `-h` shows defaults, bools get --x/--no-x."""
+def field_help(cls) -> dict:
+    """{field: the comments on its lines}, read by tokenize: a wrapped line keeps its help."""
     helps = {}
     for klass in reversed(cls.__mro__[:-1]):
-        for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(klass), re.M):
-            helps[m.group(1)] = m.group(2)
-    p = argparse.ArgumentParser(
-        f"{script}.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+        src = inspect.getsource(klass)
+        toks = tokenize.generate_tokens(io.StringIO(src).readline)
+        notes = {t.start[0]: t.string[1:].strip() for t in toks if t.type == tokenize.COMMENT}
+        notes = {i: s for i, s in notes.items() if not s.startswith("fmt:")}
+        for node in ast.parse(src).body[0].body:
+            if isinstance(node, ast.AnnAssign):
+                lines = range(node.lineno, node.end_lineno + 1)
+                helps[node.target.id] = " ".join(notes[i] for i in lines if i in notes)
+    return helps
+
+
+def parse(cls, script: str, argv=None):
+    """Argparse from a Config dataclass: `-h` shows defaults, bools get --x/--no-x; the config
+    remembers the flags given (`cfg.given`)."""
+    helps = field_help(cls)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(f"{script}.py", formatter_class=fmt)
     for f in dataclasses.fields(cls):
-        kw = dict(default=f.default, help=helps.get(f.name, " "))
+        kw = dict(default=f.default, help=helps.get(f.name, "").replace("%", "%%"))
         if f.type in (bool, "bool"):
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = {"int": int, "float": float, "str": str}.get(f.type, f.type)
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
-    argv = sys.argv[1:] if argv is None else argv  # --batch_size=64 == --batch-size 64
-    argv = [re.sub(r"^--[\w-]+", lambda m: m.group(0).replace("_", "-"), a) for a in argv]
+    flag = lambda a: a.split("=")[0]  # --batch_size=64 is --batch-size 64
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    argv = [flag(a).replace("_", "-") + a[len(flag(a)) :] if a[:2] == "--" else a for a in argv]
     cfg = cls(**vars(p.parse_args(argv)))
     cfg.out = cfg.out or f"runs/{script}"
+    cfg.given = {flag(a)[2:].removeprefix("no-").replace("-", "_") for a in argv if a[:2] == "--"}
+    return cfg
+
+
+def from_run(cfg, ck: dict):
+    """--sample, --nll, --eval: the run's data flags, from its checkpoint, unless given here."""
+    for k in ("dataset", "data_dir", "download"):
+        if k not in getattr(cfg, "given", ()) and k in ck.get("config", {}):
+            setattr(cfg, k, ck["config"][k])
     return cfg
 
 
@@ -80,6 +105,10 @@ def rank() -> int:
 
 def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def interrupted(signum, frame):
+    die("interrupted", code=130)  # Ctrl-C outside a training loop: one line, no traceback
 
 
 def setup(cfg):
@@ -95,9 +124,15 @@ def setup(cfg):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.threads or "OMP_NUM_THREADS" not in os.environ:  # README: "Threads" (measured)
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2) // 2))
+    signal.signal(signal.SIGINT, interrupted)  # a training loop's Stopper replaces it
     seed = cfg.seed + rank()  # every rank draws its own noise
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     if device.type == "cuda" and cfg.amp and torch.cuda.is_bf16_supported():
         return device, torch.autocast("cuda", dtype=torch.bfloat16)  # bf16: no GradScaler needed
     return device, contextlib.nullcontext()
@@ -121,28 +156,65 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 
 # --- data: a split decoded once to uint8, held on the GPU when small, served in [-1, 1]
+SETS = {  # --dataset: (torchvision class, where its files go under --data-dir, image size)
+    "mnist": ("MNIST", "MNIST/raw", 28),
+    "fashion": ("FashionMNIST", "FashionMNIST/raw", 28),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", 32),
+    "celeba": ("CelebA", "celeba", 64),
+}
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def load_folder(path: str, size: int):
+    """A flat folder of images (one class, label 0), or one subfolder of images per class."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    images = lambda d: sorted(p for p in Path(d).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if not Path(path).is_dir():
+        die(f"--dataset folder:{path}: no such folder")
+    classes = [d for d in sorted(Path(path).iterdir()) if d.is_dir() and images(d)]
+    files = [(f, 0) for f in images(path)]  # a flat folder wins over subfolders
+    files = files or [(f, i) for i, d in enumerate(classes) for f in images(d)]
+    if not files:
+        die(f"no images in {path} (give a folder of images, or one subfolder of images per class)")
+    try:
+        imgs = [Image.open(f).convert("RGB") for f, _ in files]
+    except OSError as e:
+        die(f"cannot read an image in {path}: {e}")
+    sizes = {min(im.size) for im in imgs}
+    size = size or (sizes.pop() if len(sizes) == 1 else 64)  # the images' own size when shared
+    x = [TF.pil_to_tensor(TF.center_crop(TF.resize(im, size), size)) for im in imgs]
+    return torch.stack(x), torch.tensor([label for _, label in files])
+
+
 def load_images(cfg, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split as (uint8 (N, C, H, W), labels); CelebA's labels are its 40 attributes."""
     import torchvision
     import torchvision.transforms as T
 
-    name, root, D = cfg.dataset, cfg.data_dir, torchvision.datasets
-    size = cfg.image_size or {"mnist": 28, "fashion": 28, "cifar10": 32}.get(name, 64)
-    crop = [T.CenterCrop(178)] if name == "celeba" else []  # the usual aligned-face crop
+    if cfg.dataset.startswith("folder:"):
+        return load_folder(cfg.dataset[len("folder:") :], cfg.image_size)
+    if cfg.dataset not in SETS:
+        die(f"unknown dataset {cfg.dataset!r} (mnist, fashion, cifar10, celeba, folder:PATH)")
+    (cls, where, size), root = SETS[cfg.dataset], Path(cfg.data_dir)
+    crop = [T.CenterCrop(178)] if cfg.dataset == "celeba" else []  # the usual aligned-face crop
+    size = cfg.image_size or size
     tf = T.Compose(crop + [T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
-    sets = {"mnist": D.MNIST, "fashion": D.FashionMNIST, "cifar10": D.CIFAR10}
+    split = {"train": train} if cls != "CelebA" else {"split": "train" if train else "test"}
+    new_dirs = [d for d in [root / where, *(root / where).parents] if not d.exists()]
     try:
-        if name in sets:
-            ds = sets[name](root, train=train, download=cfg.download, transform=tf)
-        elif name == "celeba":
-            split = "train" if train else "test"
-            ds = D.CelebA(root, split, target_type="attr", transform=tf, download=cfg.download)
-        elif name.startswith("folder:"):
-            ds = D.ImageFolder(name[len("folder:") :], transform=tf)
-        else:
-            die(f"unknown dataset {name!r} (mnist, fashion, cifar10, celeba, folder:PATH)")
+        ds = getattr(torchvision.datasets, cls)(root, **split, transform=tf, download=cfg.download)
     except (RuntimeError, OSError) as e:  # missing files, or no network to fetch them
-        die(f"cannot load {name} from {root}: {str(e).splitlines()[0][:200]}")
+        for d in new_dirs:  # leave no empty folders behind
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        cause = [s.strip() for s in str(e).splitlines() if s.strip()] or [type(e).__name__]
+        why = f"it cannot be downloaded ({cause[-1][:100]})" if cfg.download else "--no-download"
+        die(
+            f"{cfg.dataset} not found in {root} and {why}: put the files in {root / where} or "
+            "pass --data-dir DIR"
+        )
     workers = min(4, os.cpu_count()) if len(ds) > 20000 else 0
     xs, ys = zip(*torch.utils.data.DataLoader(ds, batch_size=500, num_workers=workers))
     return torch.cat(xs), torch.cat(ys)
@@ -154,17 +226,16 @@ class Batches:
     def __init__(self, x_u8, y, batch_size, seed, device, flip=False):
         if batch_size % world() or batch_size > len(x_u8):
             die(f"--batch-size {batch_size} must divide by {world()} ranks and be <= {len(x_u8)}")
-        on_dev = device.type != "cpu" and x_u8.numel() < 2**31  # small datasets live on the GPU
-        self.x, self.y = (x_u8.to(device), y.to(device)) if on_dev else (x_u8, y)
-        self.device, self.B, self.seed, self.flip = device, batch_size, seed, flip
+        if device.type != "cpu" and x_u8.numel() < 2**31:  # small datasets live on the GPU
+            x_u8, y = x_u8.to(device), y.to(device)
+        self.x, self.y, self.device = x_u8, y, device
+        self.B, self.seed, self.flip = batch_size, seed, flip
         self.load_state_dict({"epoch": 0, "pos": 0})
 
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos}
 
-    def load_state_dict(
-        self, s
-    ):  # the permutation depends on (seed, epoch) only: same on all ranks
+    def load_state_dict(self, s):  # the permutation depends on (seed, epoch): the same on all ranks
         self.epoch, self.pos = s["epoch"], s["pos"]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         self.perm = torch.randperm(len(self.x), generator=g).to(self.x.device)
@@ -193,25 +264,34 @@ class EMA:
     def update(self, model, step: int):
         d = min(self.decay, (1 + step) / (10 + step))
         pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
-        fl = [(e, m) for e, m in pairs if e.is_floating_point()]  # int buffers are just copied
-        torch._foreach_lerp_([e for e, _ in fl], [m for _, m in fl], 1 - d)
-        [e.copy_(m) for e, m in pairs if not e.is_floating_point()]
+        floats = [(e, m) for e, m in pairs if e.is_floating_point()]
+        torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1 - d)
+        for e, m in pairs:
+            if not e.is_floating_point():  # integer buffers are copied
+                e.copy_(m)
 
 
-def save_grid(x: torch.Tensor, path, nrow: int = 8):
-    """Save (N, C, H, W) images in [-1, 1] as one PNG grid."""
+def save_grid(x: torch.Tensor, path, nrow: int = 8, value_range=(-1, 1)):
+    """Save (N, C, H, W) images, in [-1, 1] unless `value_range` says otherwise, as a PNG grid."""
     import torchvision
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torchvision.utils.save_image(x.float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow, padding=2)
+    x = x.detach().float().cpu()
+    torchvision.utils.save_image(
+        x, path, nrow=nrow, padding=2, normalize=True, value_range=value_range
+    )
 
 
-def save_samples(out, x: torch.Tensor, y=None, nrow=None):
+def save_samples(out, x: torch.Tensor, y=None, nrow=None, value_range=(-1, 1)):
     """The --sample contract: <out>/samples.npz (arr_0 uint8 NHWC, arr_1 labels) + samples.png."""
-    u8 = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    lo, hi = value_range
+    u8 = ((x.float().clamp(lo, hi) - lo) * 255 / (hi - lo)).round().to(torch.uint8)
+    u8 = u8.permute(0, 2, 3, 1)  # (N, H, W, C)
     Path(out).mkdir(parents=True, exist_ok=True)
-    np.savez(Path(out) / "samples.npz", u8.cpu().numpy(), *([] if y is None else [y.cpu().numpy()]))
-    save_grid(x[:256], Path(out) / "samples.png", nrow or int(math.sqrt(min(len(x), 256))))
+    labels = [] if y is None else [y.cpu().numpy()]
+    np.savez(Path(out) / "samples.npz", u8.cpu().numpy(), *labels)
+    nrow = nrow or int(math.sqrt(min(len(x), 256)))
+    save_grid(x[:256], Path(out) / "samples.png", nrow, value_range)
 
 
 # --- checkpoints: one dict, written atomically, holding everything an exact resume needs
@@ -225,7 +305,8 @@ def save_ckpt(path, obj):
     os.replace(tmp, path)  # the previous checkpoint stays intact until this instant
 
 
-def load_ckpt(path) -> dict:
+def load_ckpt(path, need=()) -> dict:
+    """The checkpoint dict at `path`, with the keys in `need`; anything else is a one-line error."""
     if not Path(path).is_file():
         die(f"no checkpoint at {path} (train first, or point --out at a run)")
     try:
@@ -233,6 +314,8 @@ def load_ckpt(path) -> dict:
         assert isinstance(ck, dict) and "step" in ck, "not a checkpoint dict"
     except Exception as e:
         die(f"checkpoint {path} is corrupted or not ours ({type(e).__name__}: {str(e)[:120]})")
+    if not set(need) <= ck.keys():
+        die(f"{path} is not a {Path(sys.argv[0]).name} checkpoint (no {set(need) - ck.keys()})")
     for k, v in ck.items():  # strip torch.compile's prefix from every state dict
         if isinstance(v, dict):
             ck[k] = {n.removeprefix("_orig_mod."): t for n, t in v.items()}
@@ -248,33 +331,13 @@ def load_state(module, state, what="model"):
         die(f"checkpoint does not fit the {what} (other flags, e.g. --tiny, --image-size?): {msg}")
 
 
-def checkpoint(cfg, step: int, data: Batches, **state):
-    """Write <out>/ckpt.pt: the given state dicts, step, data position, every rank's RNG, config."""
-    npst, cuda = np.random.get_state(), torch.cuda.is_available()
-    rng = {"python": random.getstate(), "numpy": [npst[0], npst[1].tolist(), *npst[2:]],
-           "torch": bytes(torch.get_rng_state().numpy()),  # plain bytes: gathers across ranks
-           "cuda": [bytes(s.numpy()) for s in torch.cuda.get_rng_state_all()] if cuda else []}  # fmt: skip
-    rngs = [rng]
-    if dist.is_initialized():  # collective: every rank calls checkpoint()
-        rngs = [None] * world()
-        dist.all_gather_object(rngs, rng)
-    if rank() == 0:
-        ck = dict(state, step=step, data=data.state_dict(), rng=rngs)
-        save_ckpt(Path(cfg.out) / "ckpt.pt", dict(ck, config=dataclasses.asdict(cfg)))
-
-
 def resume(cfg, data: Batches, need=()) -> dict:
-    """Load <out>/ckpt.pt (with the keys in `need`), restore the data position and this rank's RNG
-    streams; return it."""
-    ck = load_ckpt(Path(cfg.out) / "ckpt.pt")
-    if not {"data", "rng", *need} <= ck.keys():
-        die(f"{cfg.out}/ckpt.pt is not a {Path(sys.argv[0]).name} checkpoint")
+    """Load <out>/ckpt.pt, restore the data position and this rank's RNG streams; return it."""
+    ck = load_ckpt(Path(cfg.out) / "ckpt.pt", {"data", "rng", *need})
     data.load_state_dict(ck["data"])
     if len(ck["rng"]) == world():  # another world size cannot replay the same streams
-        s, as_tensor = (
-            ck["rng"][rank()],
-            lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8),
-        )
+        s = ck["rng"][rank()]
+        as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)
         random.setstate(s["python"])
         np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], np.uint32), *s["numpy"][2:]))
         torch.set_rng_state(as_tensor(s["torch"]))
@@ -283,12 +346,27 @@ def resume(cfg, data: Batches, need=()) -> dict:
     return ck
 
 
-# --- logging, signals
-class Logger:
-    """`step 1200/100000 | loss 0.0312 | 812 img/s | eta 1h02m` on stdout and in <out>/log.jsonl."""
+# --- the training loop's plumbing: log lines, the nan guard, checkpoints, signals
+def due(step: int, every: int, last: int, first: int = 0) -> bool:
+    """Is a periodic job due after `step`: every `every` steps, at the last step and at `first`."""
+    return step in (last, first) or (every > 0 and step % every == 0)
 
-    def __init__(self, cfg, start_step: int):
-        self.cfg, self.sums, self.n, self.t0, self.step0 = cfg, {}, 0, time.time(), start_step
+
+class Loop:
+    """Logs `step 1200/100000 | loss 0.0312 | 812 img/s | eta 1h02m` (stdout, <out>/log.jsonl),
+    writes checkpoints, and turns SIGINT/SIGTERM into a flag: the loop saves at the next step
+    boundary and stops (a second signal exits at once)."""
+
+    def __init__(self, cfg, data: Batches, start_step: int):
+        self.cfg, self.data, self.sums, self.n, self.step0 = cfg, data, {}, 0, start_step
+        self.t0, self.first, self.flag = time.time(), True, False
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.flag:
+            sys.exit(130)
+        self.flag = True
 
     def add(self, **losses):  # accumulated as tensors on the device: no host sync per step
         for k, v in losses.items():
@@ -296,37 +374,81 @@ class Logger:
         self.n += 1
 
     def check(self, step: int) -> dict:
-        """Mean losses since the last check over all ranks; a nan/inf stops the run (exit 1)."""
-        vals = torch.stack([v for v in self.sums.values()]) / max(self.n, 1) if self.sums else None
-        vals = {} if vals is None else dict(zip(self.sums, (all_reduce(vals) / world()).tolist()))
+        """Mean losses since the last log over all ranks; a nan/inf stops the run (exit 1)."""
+        if not self.sums:
+            return {}
+        vals = all_reduce(torch.stack(list(self.sums.values())) / self.n) / world()
+        vals = dict(zip(self.sums, vals.tolist()))
         if not all(map(math.isfinite, vals.values())):
-            die(f"loss is not finite near step {step} ({vals}); stopped, the last good "
-                f"checkpoint in {self.cfg.out} is kept: try a lower --lr", code=1)  # fmt: skip
+            die(
+                f"loss is not finite near step {step} ({vals}); stopped, the last good "
+                f"checkpoint in {self.cfg.out} is kept: try a lower --lr",
+                code=1,
+            )
         return vals
 
     def log(self, step: int, **extra):
-        vals, now = {**self.check(step), **extra}, time.time()
-        ips = (step - self.step0) * self.cfg.batch_size / max(now - self.t0, 1e-9)
-        eta = (self.cfg.steps - step) * self.cfg.batch_size / max(ips, 1e-9)
-        self.sums, self.n, self.t0, self.step0 = {}, 0, now, step
+        vals, now, cfg = {**self.check(step), **extra}, time.time(), self.cfg
+        ips = (step - self.step0) * cfg.batch_size / max(now - self.t0, 1e-9)
+        eta = (cfg.steps - step) * cfg.batch_size / max(ips, 1e-9)
+        eta_s = f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
         if rank() == 0:
             msg = " | ".join(f"{k} {v:.4g}" for k, v in vals.items())
-            eta_s = f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
-            print(f"step {step}/{self.cfg.steps} | {msg} | {ips:.0f} img/s | eta {eta_s}")
-            Path(self.cfg.out).mkdir(parents=True, exist_ok=True)
-            with open(Path(self.cfg.out) / "log.jsonl", "a") as f:
+            print(f"step {step}/{cfg.steps} | {msg} | {ips:.0f} img/s | eta {eta_s}", flush=True)
+            if self.first and cfg.device == "cpu" and not cfg.tiny and eta > 3600:
+                print(f"full-size model on CPU: {eta_s} at this rate; --tiny trains in minutes")
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            with open(Path(cfg.out) / "log.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **vals, "img_s": round(ips, 1), "t": now}) + "\n")
+        self.sums, self.n, self.t0, self.step0, self.first = {}, 0, now, step, False
 
+    def aside(self, fn, *args, **kwargs):
+        """Run a side job (a picture) off the img/s clock; a failure is one line, never fatal."""
+        t0 = time.time()
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:
+            print(f"warning: {fn.__name__} failed ({type(e).__name__}: {e})", file=sys.stderr)
+        self.t0 += time.time() - t0
 
-class Stopper:
-    """SIGINT/SIGTERM only set a flag; the loop saves at the next step boundary. A second exits."""
+    def end_step(self, step: int, **state) -> bool:
+        """The tail of every loop: checkpoint when due (every --ckpt-every, at the end) or on a
+        signal; True when the loop must stop. Collective under DDP: every rank calls it."""
+        stop = self.flag and not dist.is_initialized()
+        if dist.is_initialized() and step % 10 == 0:  # the ranks agree every 10 steps
+            stop = bool(all_reduce(torch.tensor([float(self.flag)]), dist.ReduceOp.MAX))
+        if stop or due(step, self.cfg.ckpt_every, self.cfg.steps):
+            self.checkpoint(step, **state)
+        if stop and rank() == 0:
+            print(f"stopped by signal at step {step}; saved {self.cfg.out}/ckpt.pt", flush=True)
+        return stop
 
-    def __init__(self):
-        self.flag = False
-        stop = lambda *_: sys.exit(130) if self.flag else setattr(self, "flag", True)
-        signal.signal(signal.SIGINT, stop), signal.signal(signal.SIGTERM, stop)
-
-    def __call__(self, step: int) -> bool:  # under DDP all ranks must agree: sync every 10 steps
-        if not dist.is_initialized() or step % 10:
-            return self.flag and not dist.is_initialized()
-        return bool(all_reduce(torch.tensor([float(self.flag)]), dist.ReduceOp.MAX))
+    def checkpoint(self, step: int, **state):
+        """Write <out>/ckpt.pt: `state` (modules and optimizers as state dicts), step, data
+        position, every rank's RNG, config. A non-finite loss or weight stops the run first
+        (exit 1), so a nan never replaces a good checkpoint. Collective under DDP."""
+        cfg = self.cfg
+        self.check(step)
+        state = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
+        for k, sd in state.items():
+            tensors = [t for t in sd.values() if torch.is_tensor(t)] if isinstance(sd, dict) else []
+            if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
+                die(
+                    f"{k} has non-finite weights at step {step}; stopped, the last good checkpoint "
+                    f"in {cfg.out} is kept: try a lower --lr",
+                    code=1,
+                )
+        npst, cuda = np.random.get_state(), torch.cuda.is_available()
+        rng = {
+            "python": random.getstate(),
+            "numpy": [npst[0], npst[1].tolist(), *npst[2:]],
+            "torch": bytes(torch.get_rng_state().numpy()),  # plain bytes: gathers across ranks
+            "cuda": [bytes(t.numpy()) for t in torch.cuda.get_rng_state_all()] if cuda else [],
+        }
+        rngs = [rng]
+        if dist.is_initialized():
+            rngs = [None] * world()
+            dist.all_gather_object(rngs, rng)
+        if rank() == 0:
+            ck = dict(state, step=step, data=self.data.state_dict(), rng=rngs)
+            save_ckpt(Path(cfg.out) / "ckpt.pt", dict(ck, config=dataclasses.asdict(cfg)))

@@ -8,18 +8,22 @@ DDIM's non-Markovian one (Eq. 12, any K <= T steps; eta=0 deterministic, eta=1 i
 `--nll` measures the variational bound in bits/dim (Eq. 5). Images live in [-1, 1].
 Left out on purpose: learned variances, v-prediction, classifier guidance (see cfg_ldm.py).
 
-  python ddpm_ddim.py                               # MNIST; minutes on one GPU
+  python ddpm_ddim.py                               # MNIST, the paper's U-Net; one GPU
+  python ddpm_ddim.py --tiny --steps 3000           # a CPU-sized run: first grid in ~2 min
   python ddpm_ddim.py --dataset cifar10 --steps 800000
   python ddpm_ddim.py --sample 64 --sampler ddim --sample-steps 50
   python ddpm_ddim.py --nll 1000                    # test bits/dim (variational bound)
-  python ddpm_ddim.py --tiny --steps 3000 --data-dir ../shared/data  # a CPU-sized run
+
+Load a trained U-Net with the class alone:
+  ck = torch.load("runs/ddpm_ddim/ckpt.pt")
+  unet = UNet(**ck["model_args"]["unet"])
+  unet.load_state_dict(ck["ema"])
 """
 
 import dataclasses
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -65,7 +69,7 @@ UNET = {  # image size -> (channel multipliers per level, resolutions with self-
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps, as the Transformer's positions: (B,) -> (B, dim)."""
+    """Sinusoidal embedding of integer timesteps, as the Transformer's: (B,) -> (B, dim)."""
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2 - 1))
     args = t.float()[:, None] * freqs[None]  # (B, dim/2)
     return torch.cat([args.sin(), args.cos()], dim=1)
@@ -81,7 +85,8 @@ class Attention(nn.Module):
     def __init__(self, c: int):
         super().__init__()
         self.norm, self.qkv, self.proj = norm(c), nn.Linear(c, 3 * c), nn.Linear(c, c)  # NIN layers
-        nn.init.zeros_(self.proj.weight), nn.init.zeros_(self.proj.bias)
+        nn.init.zeros_(self.proj.weight)  # the block starts as the identity
+        nn.init.zeros_(self.proj.bias)
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -92,7 +97,7 @@ class Attention(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, + time embedding, GroupNorm-SiLU-dropout-conv, residual; optional attn."""
+    """GroupNorm-SiLU-conv, + time embedding, GroupNorm-SiLU-dropout-conv, residual; attention."""
 
     def __init__(self, cin: int, cout: int, tdim: int, dropout: float, attn: bool = False):
         super().__init__()
@@ -100,10 +105,8 @@ class ResBlock(nn.Module):
         self.temb = nn.Linear(tdim, cout)
         self.norm2, self.drop = norm(cout), nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        (
-            nn.init.zeros_(self.conv2.weight),
-            nn.init.zeros_(self.conv2.bias),
-        )  # block starts as identity
+        nn.init.zeros_(self.conv2.weight)  # the block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         self.attn = Attention(cout) if attn else nn.Identity()
 
@@ -133,13 +136,22 @@ class Upsample(nn.Conv2d):
 class UNet(nn.Module):
     """eps_theta(x_t, t): (B, C, H, W), (B,) int timesteps -> (B, C, H, W) predicted noise."""
 
-    def __init__(self, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
-                 dropout=0.1, image_size=32):  # fmt: skip
+    def __init__(
+        self,
+        in_ch=3,
+        ch=128,
+        ch_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attn_res=(16,),
+        dropout=0.1,
+        image_size=32,
+    ):
         super().__init__()
         self.ch, tdim = ch, 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
-        self.down, self.up, skips, c, res = nn.ModuleList(), nn.ModuleList(), [ch], ch, image_size
+        self.down, self.up = nn.ModuleList(), nn.ModuleList()
+        skips, c, res = [ch], ch, image_size
         for i, m in enumerate(ch_mult):  # encoder: every output is kept for a skip connection
             for _ in range(num_res_blocks):
                 self.down.append(ResBlock(c, ch * m, tdim, dropout, attn=res in attn_res))
@@ -149,20 +161,19 @@ class UNet(nn.Module):
                 self.down.append(Downsample(c))
                 skips.append(c)
                 res //= 2
-        self.mid = nn.ModuleList(
-            [ResBlock(c, c, tdim, dropout, attn=True), ResBlock(c, c, tdim, dropout)]
-        )
+        mid = [ResBlock(c, c, tdim, dropout, attn=True), ResBlock(c, c, tdim, dropout)]
+        self.mid = nn.ModuleList(mid)
         for i, m in reversed(list(enumerate(ch_mult))):  # decoder: one more block per level
             for _ in range(num_res_blocks + 1):
-                self.up.append(
-                    ResBlock(c + skips.pop(), ch * m, tdim, dropout, attn=res in attn_res)
-                )
+                attn = res in attn_res
+                self.up.append(ResBlock(c + skips.pop(), ch * m, tdim, dropout, attn=attn))
                 c = ch * m
             if i > 0:
                 self.up.append(Upsample(c))
                 res *= 2
         self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, in_ch, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight), nn.init.zeros_(self.out[-1].bias)
+        nn.init.zeros_(self.out[-1].weight)  # eps_theta starts at 0
+        nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x, t):
         temb = self.temb(timestep_embedding(t, self.ch))  # (B, 4ch)
@@ -184,22 +195,23 @@ def make_schedule(T: int = 1000, kind: str = "linear", dtype=torch.float32, devi
     if kind == "linear":  # Ho et al. Sec. 4: beta_1 = 1e-4 .. beta_T = 0.02 (scaled for T != 1000)
         betas = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
     elif kind == "cosine":  # Nichol & Dhariwal Eq. 17, s = 0.008, betas clipped at 0.999
-        f = (
-            torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2)
-            ** 2
-        )
+        t = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
     else:
         raise ValueError(f"unknown schedule {kind!r}")
-    alpha_bar = torch.cumprod(1 - betas, 0)
+    log_alpha_bar = torch.cumsum(torch.log1p(-betas), 0)  # exact where alpha_bar is near 0 or 1
+    alpha_bar = log_alpha_bar.exp()
     alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
     post_var = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)  # beta-tilde, Eq. 7
-    s = dict(betas=betas, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev, post_var=post_var,
-             # log-variances with t=0 replaced by t=1 (beta-tilde_0 = 0): as in Nichol & Dhariwal
-             logvar_small=torch.log(torch.cat([post_var[1:2], post_var[1:]])),
-             logvar_large=torch.log(torch.cat([post_var[1:2], betas[1:]])),
-             post_c0=betas * alpha_bar_prev.sqrt() / (1 - alpha_bar),  # Eq. 7: mu-tilde's x0 weight
-             post_ct=(1 - alpha_bar_prev) * (1 - betas).sqrt() / (1 - alpha_bar))  # ... x_t weight  # fmt: skip
+    s = dict(betas=betas, alpha_bar=alpha_bar, log_alpha_bar=log_alpha_bar)
+    s.update(alpha_bar_prev=alpha_bar_prev, post_var=post_var)
+    # log-variances with t=0 replaced by t=1 (beta-tilde_0 = 0), as in Nichol & Dhariwal
+    s["logvar_small"] = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    s["logvar_large"] = torch.log(torch.cat([post_var[1:2], betas[1:]]))
+    # Eq. 7: mu-tilde = post_c0 x_0 + post_ct x_t
+    s["post_c0"] = betas * alpha_bar_prev.sqrt() / (1 - alpha_bar)
+    s["post_ct"] = (1 - alpha_bar_prev) * (1 - betas).sqrt() / (1 - alpha_bar)
     return {k: v.to(dtype=dtype, device=device) for k, v in s.items()}
 
 
@@ -253,22 +265,29 @@ def ddpm_sample(eps_model, s: dict, x_T, var="large", clip=True, generator=None)
 
 
 def ddim_step(s: dict, eps, xt, t: int, t_prev: int, eta: float, clip=True, noise=None):
-    """One DDIM update (Song et al. Eq. 12) from t to t_prev (-1 means to x_0)."""
-    ab = s["alpha_bar"][t]
-    ab_prev = s["alpha_bar"][t_prev] if t_prev >= 0 else torch.ones_like(ab)
-    x0 = (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+    """One DDIM update (Song et al. Eq. 12) from t to t_prev (-1 means to x_0). The scalars are
+    computed in float64 from log alpha_bar, in forms where nothing cancels: at alpha_bar ~ 1
+    (t small) and ~ 0 (the cosine schedule's last steps) float32 differences lose the result."""
+    la = s["log_alpha_bar"][t].item()  # log alpha_bar_t
+    la_prev = s["log_alpha_bar"][t_prev].item() if t_prev >= 0 else 0.0
+    one_m, one_m_prev = -math.expm1(la), -math.expm1(la_prev)  # 1 - alpha_bar
+    ratio = -math.expm1(la - la_prev)  # 1 - alpha_bar_t / alpha_bar_prev
+    x0 = (xt - math.sqrt(one_m) * eps) / math.exp(la / 2)
     if clip:  # clip x0_hat and re-derive eps from it, so eta=1 stays exactly DDPM's step
         x0 = x0.clamp(-1, 1)
-        eps = (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
-    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()  # Eq. 16
-    x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps  # x0, direction
+        eps = (xt - math.exp(la / 2) * x0) / math.sqrt(one_m)
+    sigma = eta * math.sqrt(one_m_prev / one_m * ratio)  # Eq. 16
+    # the direction's weight sqrt(1 - alpha_bar_prev - sigma^2), rearranged: no term cancels
+    dir2 = one_m_prev / one_m * (math.exp(la - la_prev) * one_m_prev + (1 - eta**2) * ratio)
+    x = math.exp(la_prev / 2) * x0 + math.sqrt(max(dir2, 0.0)) * eps  # Eq. 12: x0, direction
     return x + sigma * noise if eta > 0 else x
 
 
 @torch.no_grad()
 def ddim_sample(eps_model, s: dict, x_T, steps=50, eta=0.0, clip=True, generator=None):
-    """DDIM with `steps` evenly spaced timesteps from T-1 down to 0."""
-    ts = torch.linspace(0, len(s["betas"]) - 1, steps).round().long().tolist()
+    """DDIM with `steps` evenly spaced timesteps from T-1 down to 0 (one step: from T-1)."""
+    T = len(s["betas"])
+    ts = torch.linspace(0, T - 1, steps).round().long().tolist() if steps > 1 else [T - 1]
     x = x_T
     for t, t_prev in zip(reversed(ts), reversed([-1] + ts[:-1])):
         eps = eps_model(x, torch.full((len(x),), t, device=x.device, dtype=torch.long))
@@ -279,19 +298,27 @@ def ddim_sample(eps_model, s: dict, x_T, steps=50, eta=0.0, clip=True, generator
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
-    return 0.5 * (
-        logvar2 - logvar1 - 1 + (logvar1 - logvar2).exp() + (mean1 - mean2) ** 2 * (-logvar2).exp()
-    )
+    ratio = (logvar1 - logvar2).exp() + (mean1 - mean2) ** 2 * (-logvar2).exp()
+    return 0.5 * (logvar2 - logvar1 - 1 + ratio)
+
+
+def log_bin_mass(lo, hi):
+    """log(Phi(hi) - Phi(lo)) for standardised bin edges lo < hi, exact in the tails: the bin is
+    mirrored to the left of 0, where log_ndtr keeps full precision, and the difference is taken
+    as log Phi(hi) + log(1 - Phi(lo) / Phi(hi)) (as PixelCNN++ and improved-diffusion do)."""
+    right = lo + hi > 0
+    lo, hi = torch.where(right, -hi, lo), torch.where(right, -lo, hi)
+    a, b = torch.special.log_ndtr(lo), torch.special.log_ndtr(hi)
+    return b + torch.log(-torch.expm1((a - b).clamp(max=-1e-30)))
 
 
 def discretized_gaussian_loglik(x, mean, logvar):
-    """log of N(mean, e^logvar)'s mass on x's bin of width 2/255 in [-1, 1]; edge bins extend to
-    -inf and +inf (Ho et al. Eq. 13). Computed in float64 so narrow bins keep their precision."""
+    """log of N(mean, e^logvar)'s mass on x's bin of width 2/255 in [-1, 1]; the edge bins
+    extend to -inf and +inf (Ho et al. Eq. 13). Float64 throughout."""
     x, mean, inv_std = x.double(), mean.double(), (-0.5 * logvar.double()).exp()
     lo, hi = inv_std * (x - mean - 1 / 255), inv_std * (x - mean + 1 / 255)
-    mid = torch.log((torch.special.ndtr(hi) - torch.special.ndtr(lo)).clamp(min=1e-300))
-    right = torch.special.log_ndtr(-lo)  # log(1 - Phi(lo)) for the 255 bin
-    return torch.where(x < -0.999, torch.special.log_ndtr(hi), torch.where(x > 0.999, right, mid))
+    left, right = torch.special.log_ndtr(hi), torch.special.log_ndtr(-lo)  # the 0 and 255 bins
+    return torch.where(x < -0.999, left, torch.where(x > 0.999, right, log_bin_mass(lo, hi)))
 
 
 @torch.no_grad()
@@ -310,12 +337,8 @@ def vlb_terms(eps_model, s: dict, x0, var="large", clip=True, generator=None):
             q_mean, q_var = q_posterior(s, x0, xt, t)
             kls += normal_kl(q_mean, q_var.log(), mean, logvar).flatten(1).sum(1).double()
     ab_T = s["alpha_bar"][-1].double()  # L_T = KL(q(x_T | x_0) || N(0, I))
-    prior = (
-        normal_kl(ab_T.sqrt() * x0.double(), (1 - ab_T).log(), 0.0, torch.zeros(()))
-        .flatten(1)
-        .sum(1)
-    )
-    return prior, kls, dec
+    prior = normal_kl(ab_T.sqrt() * x0.double(), (1 - ab_T).log(), 0.0, torch.zeros(()))
+    return prior.flatten(1).sum(1), kls, dec
 
 
 def bits_per_dim(nats: torch.Tensor, dims: int) -> torch.Tensor:
@@ -326,21 +349,21 @@ def bits_per_dim(nats: torch.Tensor, dims: int) -> torch.Tensor:
 
 # -----------------------------------------------------------------------------
 # training
-def build_model(cfg: Config, in_ch: int, size: int) -> UNet:
-    """The U-Net for this image size and these flags; an unsupported size is a one-line error."""
+def model_args(cfg: Config, in_ch: int, size: int) -> dict:
+    """The U-Net's constructor arguments for this image size and these flags (saved in every
+    checkpoint as model_args); an unsupported size is a one-line error."""
     if size not in UNET:
-        common.die(
-            f"image size {size} does not fit the U-Net (supported: {sorted(UNET)}); set --image-size"
-        )
+        common.die(f"image size {size} does not fit the U-Net ({sorted(UNET)}): set --image-size")
     mult, attn = UNET[size]
     ch, blocks = (24, 1) if cfg.tiny else (cfg.ch, cfg.num_res_blocks)  # --tiny: 0.6M params
-    return UNet(in_ch, ch, mult, blocks, attn, cfg.dropout, size)
+    unet = dict(in_ch=in_ch, ch=ch, ch_mult=mult, num_res_blocks=blocks, attn_res=attn)
+    return {"unet": dict(unet, dropout=cfg.dropout, image_size=size)}
 
 
 def check_flags(cfg: Config):
-    """Flags with a fixed set or range of values: a wrong one is a one-line error before any work."""
-    for name, allowed in [("schedule", ("linear", "cosine")), ("var", ("large", "small")),
-                          ("sampler", ("ddim", "ddpm"))]:  # fmt: skip
+    """A flag outside its set or range of values is a one-line error, before any work."""
+    choices = [("schedule", ("linear", "cosine")), ("var", ("large", "small"))]
+    for name, allowed in choices + [("sampler", ("ddim", "ddpm"))]:
         if getattr(cfg, name) not in allowed:
             common.die(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
     for name, lo in [("steps", 0), ("batch_size", 1), ("T", 2), ("sample", 0), ("nll", 0)]:
@@ -360,135 +383,129 @@ def eps_fn(model, autocast):
     return f
 
 
+def save_grid(ema_model, autocast, sched, x_T, path):
+    """The EMA model's DDIM-50 samples from fixed noise, as a PNG grid."""
+    common.save_grid(ddim_sample(eps_fn(ema_model, autocast), sched, x_T, steps=50), path)
+
+
 def train(cfg: Config):
     """Train eps_theta with L_simple (Alg. 1); returns the raw model and its EMA copy."""
     device, autocast = common.setup(cfg)
     x, y = common.load_images(cfg, train=True)
+    args = model_args(cfg, x.shape[1], x.shape[-1])
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = build_model(cfg, x.shape[1], x.shape[-1]).to(device, memory_format=fmt)
-    data = common.Batches(
-        x, y, cfg.batch_size, cfg.seed, device, flip=cfg.dataset not in ("mnist", "fashion")
-    )
+    model = UNet(**args["unet"]).to(device, memory_format=fmt)
     ema = common.EMA(model, cfg.ema_decay)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda"
-    )
-    sched, start = make_schedule(cfg.T, cfg.schedule, device=device), 0
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=0.0, fused=fused)
+    flip = cfg.dataset not in ("mnist", "fashion")
+    data = common.Batches(x, y, cfg.batch_size, cfg.seed, device, flip=flip)
+    start = 0
     if cfg.resume:
-        ck = common.resume(cfg, data)
-        common.load_state(model, ck["model"]), common.load_state(ema.module, ck["ema"])
+        ck = common.resume(cfg, data, need=("model", "ema", "opt"))
+        common.load_state(model, ck["model"])
+        common.load_state(ema.module, ck["ema"], "EMA")
         common.load_state(opt, ck["opt"], "optimizer")
         start = ck["step"]
     net = common.wrap(model, cfg, device)
-    x_T = torch.randn(64, *x.shape[1:], generator=torch.Generator().manual_seed(cfg.seed)).to(
-        device
-    )
-    log, stop = common.Logger(cfg, start), common.Stopper()
+    sched = make_schedule(cfg.T, cfg.schedule, device=device)
+    x_T = torch.randn(64, *x.shape[1:], generator=torch.Generator().manual_seed(cfg.seed))
+    x_T = x_T.to(device)  # the fixed noise of every sample grid
     warmup = max(1, min(cfg.warmup, cfg.steps // 20))
+    loop = common.Loop(cfg, data, start)
     if common.rank() == 0:
-        n = sum(p.numel() for p in model.parameters())
+        n = sum(p.numel() for p in model.parameters()) / 1e6
         print(
-            f"ddpm_ddim: {n / 1e6:.2f}M params, {len(x)} images {tuple(x.shape[1:])}, {device}, from step {start}"
+            f"ddpm_ddim: {n:.2f}M params, {len(x)} images {tuple(x.shape[1:])}, {device}, "
+            f"from step {start}"
         )
     for step in range(start, cfg.steps):
-        lr = cfg.lr * min(1.0, (step + 1) / warmup)
+        done = step + 1
+        lr = cfg.lr * min(1.0, done / warmup)  # linear warmup, from the step alone
         for g in opt.param_groups:
             g["lr"] = lr
-        x0 = next(data)[0].contiguous(memory_format=fmt)  # Alg. 1 line 2: x_0 ~ q(x_0)
-        with autocast:  # lines 3-5: t, eps, and the gradient of |eps - eps_theta(x_t, t)|^2
+
+        # forward and backward: Alg. 1 lines 2-5, x_0 ~ q(x_0), then t, eps and the gradient
+        x0 = next(data)[0].contiguous(memory_format=fmt)
+        with autocast:
             loss = p_losses(net, sched, x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+
+        # update
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         ema.update(model, step)
-        log.add(loss=loss)
-        done, stopping = step + 1, stop(step + 1)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            log.log(done, lr=lr)
-        if cfg.sample_every and done % cfg.sample_every == 0 and common.rank() == 0:
-            t0 = time.time()
-            grid = ddim_sample(eps_fn(ema.module, autocast), sched, x_T, steps=50)  # fixed noise
-            common.save_grid(grid, Path(cfg.out) / f"samples_{done:06d}.png")
-            log.t0 += time.time() - t0  # img/s counts training only
-        if done == cfg.steps or stopping or cfg.ckpt_every and done % cfg.ckpt_every == 0:
-            log.check(done)  # never overwrite a good checkpoint with nan weights
-            common.checkpoint(cfg, done, data, model=model.state_dict(), ema=ema.module.state_dict(),
-                              opt=opt.state_dict(), shape=list(x.shape[1:]))  # fmt: skip
-        if stopping:
-            print(
-                f"stopped by signal at step {done}; checkpoint saved to {cfg.out}/ckpt.pt",
-                flush=True,
-            )
+
+        # log
+        loop.add(loss=loss)
+        if common.due(done, cfg.log_every, cfg.steps, first=start + 1):
+            loop.log(done, lr=lr)
+
+        # checkpoint (when due, and on Ctrl-C / SIGTERM, which also stops the loop)
+        state = dict(model=model, ema=ema.module, opt=opt, model_args=args)
+        if loop.end_step(done, **state):
             break
+
+        # sample a fixed-noise grid (after the checkpoint: a picture never costs one)
+        if cfg.sample_every and common.due(done, cfg.sample_every, cfg.steps, first=200):
+            if common.rank() == 0:
+                path = Path(cfg.out) / f"samples_{done:06d}.png"
+                loop.aside(save_grid, ema.module, autocast, sched, x_T, path)
     return model, ema.module
 
 
 # -----------------------------------------------------------------------------
 # sampling and evaluation from a checkpoint (EMA weights)
 def load_trained(cfg: Config):
-    """The EMA model of <out>/ckpt.pt, built from the flags it was trained with."""
-    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt")
-    fields = {f.name for f in dataclasses.fields(Config)}
-    mcfg = Config(
-        **{k: v for k, v in ck["config"].items() if k in fields}
-    )  # the trained model's flags
+    """(EMA U-Net, schedule, checkpoint, device, autocast) of <out>/ckpt.pt: the network is
+    rebuilt from the checkpoint's model_args, the schedule from its flags."""
+    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt", need=("ema", "model_args"))
     device, autocast = common.setup(cfg)
-    C, H, _ = ck["shape"]
-    model = build_model(mcfg, C, H).to(device).eval()
+    model = UNet(**ck["model_args"]["unet"]).to(device).eval()
     common.load_state(model, ck["ema"])
-    return (
-        model,
-        make_schedule(mcfg.T, mcfg.schedule, device=device),
-        eps_fn(model, autocast),
-        ck,
-        device,
-    )
+    sched = make_schedule(ck["config"]["T"], ck["config"]["schedule"], device=device)
+    return model, sched, ck, device, autocast
 
 
+@torch.no_grad()
 def sample(cfg: Config):
     """--sample N: N images from the EMA model into <out>/samples.npz and samples.png."""
-    model, sched, eps, ck, device = load_trained(cfg)
-    if cfg.sample_steps > len(sched["betas"]):  # the trained model's T, which may differ from --T
-        common.die(f"--sample-steps {cfg.sample_steps}: this model has T={len(sched['betas'])}")
+    model, sched, ck, device, autocast = load_trained(cfg)
+    T, eps = len(sched["betas"]), eps_fn(model, autocast)
+    if cfg.sample_steps > T:  # the trained model's T, which may differ from --T
+        common.die(f"--sample-steps {cfg.sample_steps}: this model has T={T}")
     g = torch.Generator(device).manual_seed(cfg.seed)
+    shape = (model.conv_in.in_channels, ck["model_args"]["unet"]["image_size"])
     xs = []
     for i in range(0, cfg.sample, cfg.batch_size):
-        x_T = torch.randn(
-            min(cfg.batch_size, cfg.sample - i), *ck["shape"], device=device, generator=g
-        )
+        n = min(cfg.batch_size, cfg.sample - i)
+        x_T = torch.randn(n, shape[0], shape[1], shape[1], device=device, generator=g)
         if cfg.sampler == "ddpm":
             xs.append(ddpm_sample(eps, sched, x_T, cfg.var, generator=g))
         else:
             xs.append(ddim_sample(eps, sched, x_T, cfg.sample_steps, cfg.eta, generator=g))
-        print(f"sampled {i + len(x_T)}/{cfg.sample}", flush=True)
+        print(f"sampled {i + n}/{cfg.sample}", flush=True)
     common.save_samples(cfg.out, torch.cat(xs))
     print(f"wrote {cfg.sample} samples ({cfg.sampler}) to {cfg.out}/samples.npz and samples.png")
 
 
 def nll(cfg: Config):
     """--nll N: the variational bound in bits/dim on the first N test images."""
-    model, sched, eps, ck, device = load_trained(cfg)
-    cfg.image_size = ck["shape"][-1]
-    x, _ = common.load_images(cfg, train=False)
-    x = x[: cfg.nll]
+    model, sched, ck, device, autocast = load_trained(cfg)
+    cfg = common.from_run(cfg, ck)
+    cfg.image_size = ck["model_args"]["unet"]["image_size"]
+    x = common.load_images(cfg, train=False)[0][: cfg.nll]
     g = torch.Generator(device).manual_seed(cfg.seed)
     parts = []
     for i in range(0, len(x), cfg.batch_size):
         x0 = x[i : i + cfg.batch_size].to(device).float() / 127.5 - 1  # [0, 255] -> [-1, 1]
-        parts.append(torch.stack(vlb_terms(eps, sched, x0, cfg.var, generator=g), 1).cpu())
-    prior, kls, dec = (
-        bits_per_dim(p, x[0].numel()).mean().item() for p in torch.cat(parts).unbind(1)
-    )
-    res = {
-        "bpd": prior + kls + dec,
-        "L_T": prior,
-        "L_1..T-1": kls,
-        "L_0": dec,
-        "n": len(x),
-        "var": cfg.var,
-        "step": ck["step"],
-    }
+        terms = vlb_terms(eps_fn(model, autocast), sched, x0, cfg.var, generator=g)
+        parts.append(torch.stack(terms, 1).cpu())
+        print(f"bound on {i + len(x0)}/{len(x)} images", flush=True)
+    bpd = [bits_per_dim(p, x[0].numel()).mean().item() for p in torch.cat(parts).unbind(1)]
+    res = {"bpd": sum(bpd), "L_T": bpd[0], "L_1..T-1": bpd[1], "L_0": bpd[2]}
+    res |= {"n": len(x), "var": cfg.var, "step": ck["step"]}
     print(json.dumps(res))
     with open(Path(cfg.out) / "nll.jsonl", "a") as f:
         f.write(json.dumps(res) + "\n")

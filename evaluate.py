@@ -5,10 +5,11 @@ Sample quality: FID, KID, precision/recall, and classifier scores for a samples.
   python evaluate.py --real --dataset mnist --data-dir ../shared/data   # the floor: real vs real
 
 Features. Digits (mnist, fashion): a small CNN that this file trains on the train split
-(deterministic, about a minute on CPU), cached under --cache-dir with its test accuracy, and
-reused; its 128-d penultimate layer is the feature space. RGB datasets: torchvision's Inception-v3
-pool features (2048-d), from its weights file when present. A FID in the CNN's space ("FID-CNN")
-is comparable across runs of this repository, not with papers' Inception FIDs.
+(deterministic; 4-6 minutes on 2 CPU cores, a line per epoch), cached under --cache-dir with its
+test accuracy, and reused; its 128-d penultimate layer is the feature space. RGB datasets:
+torchvision's Inception-v3 pool features (2048-d), from its weights file when present. A FID in
+the CNN's space ("FID-CNN") is comparable across runs of this repository, not with papers'
+Inception FIDs.
 
 Metrics, samples against the test split (--real: test split against the train split):
   fid        Frechet distance |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)
@@ -25,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -44,11 +46,17 @@ class DigitCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # (B, 32, 14, 14)
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # (B, 64, 7, 7)
-        )  # fmt: skip
+        )
         self.fc = nn.Sequential(
             nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 7 * 7, 128), nn.ReLU()
         )
@@ -66,7 +74,8 @@ def train_classifier(x, y, epochs=12, seed=0):
     net = DigitCNN()
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * (len(x) // 128))
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        print(f"  epoch {epoch + 1}/{epochs}", file=sys.stderr, flush=True)
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x) - 127, 128):
             idx = perm[i : i + 128]
@@ -92,7 +101,8 @@ def digit_outputs(net, x_u8: torch.Tensor, batch=500):
         elif xb.shape[-1] < 28:
             xb = F.interpolate(xb, size=(28, 28), mode="bilinear", align_corners=False)
         f, logits = net(xb)
-        fs.append(f.double()), ps.append(logits.double().softmax(1))
+        fs.append(f.double())
+        ps.append(logits.double().softmax(1))
     return torch.cat(fs), torch.cat(ps)
 
 
@@ -103,9 +113,7 @@ def fid(f1: torch.Tensor, f2: torch.Tensor) -> float:
     mu1, mu2, s1, s2 = f1.mean(0), f2.mean(0), torch.cov(f1.T), torch.cov(f2.T)
     w, v = torch.linalg.eigh(s1)
     r1 = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T  # S1^1/2
-    tr_sqrt = (
-        torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
-    )  # Tr (S1^1/2 S2 S1^1/2)^1/2
+    tr_sqrt = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()  # Tr (..)^1/2
     return ((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_sqrt).item()
 
 
@@ -126,8 +134,9 @@ def precision_recall(real, fake, k=3) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN radii."""
 
     def inside(manifold, queries):  # is each query within some point's k-NN ball?
-        radii = torch.cat([torch.cdist(m, manifold).kthvalue(k + 1, dim=1).values  # +1: self at 0
-                           for m in manifold.split(1000)])  # chunks bound the memory  # fmt: skip
+        # the k-th neighbour's distance (k + 1: each point is its own nearest, at 0), in chunks
+        kth = lambda m: torch.cdist(m, manifold).kthvalue(k + 1, dim=1).values
+        radii = torch.cat([kth(m) for m in manifold.split(1000)])
         return torch.cat([(torch.cdist(q, manifold) <= radii).any(1) for q in queries.split(1000)])
 
     return inside(real, fake).double().mean().item(), inside(fake, real).double().mean().item()
@@ -138,8 +147,8 @@ def classifier_scores(p: torch.Tensor, labels=None) -> dict:
     py = p.mean(0)
     kl = (p * (p.clamp(min=1e-12).log() - py.clamp(min=1e-12).log())).sum(1)
     hist = torch.bincount(p.argmax(1), minlength=p.shape[1]).double() / len(p)
-    out = {"is": kl.mean().exp().item(), "confidence": p.max(1).values.mean().item(),
-           "label_entropy": -(hist * hist.clamp(min=1e-12).log()).sum().item()}  # fmt: skip
+    out = {"is": kl.mean().exp().item(), "confidence": p.max(1).values.mean().item()}
+    out["label_entropy"] = -(hist * hist.clamp(min=1e-12).log()).sum().item()
     if labels is not None:
         out["cond_acc"] = (p.argmax(1) == labels.to(p.device)).double().mean().item()
     return out
@@ -156,7 +165,8 @@ def digit_net(args, x_train, y_train, x_test, y_test):
         common.load_state(net, ck["model"], "digit classifier")
         return net.eval(), ck["test_acc"]
     print(
-        f"training the {args.dataset} feature classifier on {len(x_train)} images ...",
+        f"training the {args.dataset} feature classifier on {len(x_train)} images (once; "
+        f"4-6 minutes on 2 CPU cores), cached in {path}",
         file=sys.stderr,
     )
     net = train_classifier(x_train, y_train)
@@ -174,13 +184,12 @@ def inception_features(x_u8: torch.Tensor, batch=100) -> torch.Tensor:
     except Exception as e:
         hub = Path(torch.hub.get_dir()) / "checkpoints"
         common.die(
-            f"no Inception-v3 weights ({type(e).__name__}); offline, put inception_v3_google-0cc3c7bd.pth in {hub}"
+            f"no Inception-v3 weights ({type(e).__name__}); offline, put "
+            f"inception_v3_google-0cc3c7bd.pth in {hub}"
         )
     net.fc = nn.Identity()
-    mean, std = (
-        torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
-        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
-    )
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     out = []
     with torch.no_grad():
         for i in range(0, len(x_u8), batch):
@@ -199,9 +208,8 @@ def load_npz(path):
     except Exception as e:
         common.die(f"cannot read samples from {path}: {type(e).__name__}: {str(e)[:120]}")
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] not in (1, 3) or len(x) < 2:
-        common.die(
-            f"{path}: arr_0 must be uint8 [N, H, W, C] with C 1 or 3 and N >= 2, got {x.dtype} {tuple(x.shape)}"
-        )
+        got = f"{x.dtype} {tuple(x.shape)}"
+        common.die(f"{path}: arr_0 must be uint8 [N, H, W, C] with C 1 or 3 and N >= 2, got {got}")
     if y is not None and len(y) != len(x):
         common.die(f"{path}: arr_1 has {len(y)} labels for {len(x)} images")
     return x.permute(0, 3, 1, 2).contiguous(), y  # (N, C, H, W)
@@ -218,11 +226,8 @@ def evaluate(args) -> dict:
     x, y, ref = (x_te, y_te, x_tr) if args.real else (x, y, x_te)
     x = x[: args.n] if args.n else x
     y = y[: len(x)] if y is not None else None
-    res = {
-        "samples": "real test split" if args.real else str(args.samples),
-        "n": len(x),
-        "n_ref": len(ref),
-    }
+    res = {"samples": "real test split" if args.real else str(args.samples)}
+    res |= {"n": len(x), "n_ref": len(ref)}
     if digits:
         if x.shape[1] == 3:
             x = x.float().mean(1, keepdim=True).round().to(torch.uint8)  # RGB digits -> grey
@@ -240,35 +245,24 @@ def evaluate(args) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "samples", nargs="?", help="a samples.npz (arr_0 uint8 NHWC, optional arr_1 labels)"
-    )
-    p.add_argument(
-        "--dataset", default="mnist", help="mnist | fashion | cifar10 | celeba | folder:PATH"
-    )
-    p.add_argument("--data-dir", default="./data")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument(
-        "--image-size", type=int, default=0, help="reference image size for RGB datasets"
-    )
-    p.add_argument(
-        "--real", action="store_true", help="score real test images against the train split"
-    )
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    p.add_argument("samples", nargs="?", help="a samples.npz (arr_0 uint8 NHWC, arr_1 labels)")
+    p.add_argument("--dataset", default="mnist", help="mnist | fashion | cifar10 | celeba")
+    p.add_argument("--data-dir", default="./data", help="where torchvision finds the dataset")
+    on_off = argparse.BooleanOptionalAction
+    p.add_argument("--download", action=on_off, default=True, help="download a missing dataset")
+    p.add_argument("--image-size", type=int, default=0, help="RGB datasets: reference size")
+    p.add_argument("--real", action="store_true", help="score the real test split against train")
     p.add_argument("--n", type=int, default=0, help="use only the first N samples (0: all)")
-    default_cache = (
-        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "generative-models"
-    )
-    p.add_argument(
-        "--cache-dir", default=str(default_cache), help="where the feature classifier is kept"
-    )
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "generative-models"
+    p.add_argument("--cache-dir", default=str(cache), help="where the feature classifier is kept")
     args = p.parse_args(argv)
     if not args.real and not args.samples:
         common.die("give a samples.npz, or --real for the real-data floor")
     if not args.real and not Path(args.samples).is_file():
         common.die(f"no such file: {args.samples}")
+    signal.signal(signal.SIGINT, common.interrupted)  # Ctrl-C: one line, no traceback
     torch.manual_seed(0)
     res = evaluate(args)
     res = {k: round(v, 5) if isinstance(v, float) else v for k, v in res.items()}

@@ -45,9 +45,7 @@ class Config(common.Config):
     lr: float = 1e-3  # Adam after a linear warmup (Glow)
     arch: str = "glow"  # glow | realnvp
     levels: int = 0  # L; 0: as many squeezes as the size allows, up to 3 (2 for MNIST's 28)
-    depth: int = (
-        0  # glow: K steps per level (0: 32); realnvp: couplings per mask (0: 3); --tiny 4/2
-    )
+    depth: int = 0  # glow: K steps per level (0: 32); realnvp: couplings per mask (0: 3); tiny 4/2
     width: int = 0  # hidden channels of each coupling network (0: 512 glow, 64 realnvp); --tiny 32
     lu: bool = False  # the LU-decomposed 1x1 convolution (Glow Eq. 10)
     n_bits: int = 8  # bits kept per pixel before dequantization (Glow's CelebA runs: 5)
@@ -148,7 +146,8 @@ class ZeroConv2d(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, 3, padding=1)
-        nn.init.zeros_(self.conv.weight), nn.init.zeros_(self.conv.bias)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
         self.logs = nn.Parameter(torch.zeros(1, cout, 1, 1))
 
     def forward(self, x):
@@ -227,7 +226,8 @@ class Chain(nn.ModuleList):
 
 def log_normal(x, mu, logs):
     """log N(x; mu, exp(logs)^2), summed over all but the batch dim."""
-    return (-0.5 * (math.log(2 * math.pi) + 2 * logs + (x - mu) ** 2 * (-2 * logs).exp())).flatten(1).sum(1)  # fmt: skip
+    log_density = -0.5 * (math.log(2 * math.pi) + 2 * logs + (x - mu) ** 2 * (-2 * logs).exp())
+    return log_density.flatten(1).sum(1)
 
 
 class Split(nn.Module):
@@ -260,7 +260,7 @@ class Flow(nn.Module):
     """A multi-scale flow (RealNVP Sec. 3.6, Glow Fig. 2b): L levels, each a Chain of bijections,
     after all but the last a Split; the last level's output is scored by the top prior.
     glow level: squeeze, then K x (ActNorm, InvConv2d, AffineCoupling).
-    realnvp level: K checkerboard couplings, squeeze, K channel couplings; last: K+1 checkerboard."""
+    realnvp level: K checkerboard couplings, squeeze, K channel couplings; last: K+1 checker."""
 
     def __init__(self, in_ch, size, levels=2, depth=32, width=512, arch="glow", lu=False):
         super().__init__()
@@ -270,13 +270,18 @@ class Flow(nn.Module):
             last = i == levels - 1
             if glow:
                 C, S = C * 4, S // 2
-                steps = [(ActNorm(C), InvConv2d(C, lu), AffineCoupling(C, width)) for _ in range(depth)]  # fmt: skip
-                layers = [Squeeze(), *[m for step in steps for m in step]]
+                layers = [Squeeze()]
+                for _ in range(depth):
+                    layers += [ActNorm(C), InvConv2d(C, lu), AffineCoupling(C, width)]
             else:
-                layers = [AffineCoupling(C, width, "checker", j % 2, "realnvp") for j in range(depth + last)]  # fmt: skip
+                layers = []
+                for j in range(depth + last):
+                    layers.append(AffineCoupling(C, width, "checker", j % 2, "realnvp"))
                 if not last:
                     C, S = C * 4, S // 2
-                    layers += [Squeeze()] + [AffineCoupling(C, width, "channel", j % 2, "realnvp") for j in range(depth)]  # fmt: skip
+                    layers.append(Squeeze())
+                    for j in range(depth):
+                        layers.append(AffineCoupling(C, width, "channel", j % 2, "realnvp"))
             self.levels.append(Chain(layers))
             if not last:
                 self.splits.append(Split(C, learned=glow))
@@ -374,40 +379,45 @@ def to_images(y, n_bits: int, arch: str, alpha: float):
 
 # -----------------------------------------------------------------------------
 # training
-def resolve(cfg: Config, size: int) -> tuple[int, int, int]:
-    """(levels, depth, width) with the zeros filled; an image size the squeezes cannot take is
-    a one-line error."""
+def model_args(cfg: Config, in_ch: int, size: int) -> dict:
+    """The flow's constructor arguments (saved as model_args), with --levels, --depth, --width
+    resolved; an image size the squeezes cannot take is a one-line error."""
     glow = cfg.arch == "glow"
     squeezes = cfg.levels - (not glow) if cfg.levels else (3 if size % 8 == 0 else 2)
     if size % 2**squeezes:
-        common.die(f"image size {size} cannot be squeezed {squeezes} times (each halves it): use "
-                   f"an --image-size divisible by {2**squeezes}, or fewer --levels")  # fmt: skip
-    depth = cfg.depth or (4 if glow else 2) if cfg.tiny else cfg.depth or (32 if glow else 3)
-    width = cfg.width or (32 if cfg.tiny else 512 if glow else 64)
-    return squeezes + (not glow), depth, width
-
-
-def build_model(cfg: Config, in_ch: int, size: int) -> Flow:
-    return Flow(in_ch, size, *resolve(cfg, size), cfg.arch, cfg.lu)
+        common.die(
+            f"image size {size} cannot be squeezed {squeezes} times (each halves it): use "
+            f"an --image-size divisible by {2**squeezes}, or fewer --levels"
+        )
+    if cfg.tiny:
+        depth, width = cfg.depth or (4 if glow else 2), cfg.width or 32
+    else:
+        depth, width = cfg.depth or (32 if glow else 3), cfg.width or (512 if glow else 64)
+    levels = squeezes + (not glow)
+    flow = dict(in_ch=in_ch, size=size, levels=levels, depth=depth, width=width)
+    return {"flow": dict(flow, arch=cfg.arch, lu=cfg.lu)}
 
 
 def check_flags(cfg: Config):
-    """Flags with a fixed set or range of values: a wrong one is a one-line error before any work."""
+    """A flag outside its set or range of values is a one-line error, before any work."""
     if cfg.arch not in ("glow", "realnvp"):
         common.die(f"--arch {cfg.arch!r}: choose one of glow, realnvp")
-    for name, lo in [("steps", 0), ("batch_size", 1), ("sample", 0), ("nll", 0), ("levels", 0),
-                     ("depth", 0), ("width", 0), ("init_batch", 1), ("temperature", 0)]:  # fmt: skip
+    at_least = dict(steps=0, batch_size=1, sample=0, nll=0, levels=0, depth=0, width=0)
+    for name, lo in dict(at_least, init_batch=1, temperature=0).items():
         if getattr(cfg, name) < lo:
             common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
-    for flag, ok, what in [("n-bits", 1 <= cfg.n_bits <= 8, "between 1 and 8"), ("alpha", 0 < cfg.alpha < 0.5, "in (0, 0.5)")]:  # fmt: skip
-        if not ok:
-            common.die(f"--{flag} {getattr(cfg, flag.replace('-', '_'))}: must be {what}")
+    if not 1 <= cfg.n_bits <= 8:
+        common.die(f"--n-bits {cfg.n_bits}: must be between 1 and 8")
+    if not 0 < cfg.alpha < 0.5:
+        common.die(f"--alpha {cfg.alpha}: must be in (0, 0.5)")
 
 
 @torch.no_grad()
 def save_pictures(model, cfg, x_test, name="samples_final.png", n=64):
     """Samples at the run's temperature (fixed noise) and a z-interpolation between test images."""
-    out, img = Path(cfg.out), lambda y: to_images(y, cfg.n_bits, cfg.arch, cfg.alpha)
+    was, out = model.training, Path(cfg.out)
+    model.eval()
+    img = lambda y: to_images(y, cfg.n_bits, cfg.arch, cfg.alpha)
     g = torch.Generator(x_test.device).manual_seed(cfg.seed)
     common.save_grid(img(model.inverse(n=n, temperature=cfg.temperature, generator=g)), out / name)
     pairs = x_test[: min(16, len(x_test)) // 2 * 2]  # even: row i joins images 2i and 2i + 1
@@ -416,6 +426,7 @@ def save_pictures(model, cfg, x_test, name="samples_final.png", n=64):
     w = torch.linspace(0, 1, 8, device=y.device).view(1, 8, *[1] * (y.dim() - 1))
     mix = [((1 - w) * z[0::2, None] + w * z[1::2, None]).flatten(0, 1) for z in zs]  # (64, ...)
     common.save_grid(img(model.inverse(mix)), out / "interpolation.png", nrow=8)
+    model.train(was)
 
 
 def train(cfg: Config):
@@ -423,13 +434,16 @@ def train(cfg: Config):
     device, autocast = common.setup(cfg)
     x, y = common.load_images(cfg, train=True)
     x_test = common.load_images(cfg, train=False)[0][:16].to(device).float() / 127.5 - 1
-    model = build_model(cfg, x.shape[1], x.shape[-1]).to(device)
-    data = common.Batches(x, y, cfg.batch_size, cfg.seed, device, flip=cfg.dataset not in ("mnist", "fashion"))  # fmt: skip
+    args = model_args(cfg, x.shape[1], x.shape[-1])
+    model = Flow(**args["flow"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
+    flip = cfg.dataset not in ("mnist", "fashion")
+    data = common.Batches(x, y, cfg.batch_size, cfg.seed, device, flip=flip)
     start = 0
     if cfg.resume:
         ck = common.resume(cfg, data, need=("model", "opt"))
-        common.load_state(model, ck["model"]), common.load_state(opt, ck["opt"], "optimizer")
+        common.load_state(model, ck["model"])
+        common.load_state(opt, ck["opt"], "optimizer")
         start = ck["step"]
     else:  # ActNorm's data-dependent init, before DDP: its broadcast gives every rank rank 0's
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
@@ -437,85 +451,99 @@ def train(cfg: Config):
         x_init = x[idx].to(device).float() / 127.5 - 1
         model.initialize(preprocess(dequantize(x_init, cfg.n_bits), cfg.arch, cfg.alpha)[0])
     net = common.wrap(model, cfg, device)
-    log, stop = common.Logger(cfg, start), common.Stopper()
     warmup = max(1, min(cfg.warmup, cfg.steps // 20))
+    loop = common.Loop(cfg, data, start)
     if common.rank() == 0:
-        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        levels, depth, width = resolve(cfg, x.shape[-1])
-        print(f"flow: {cfg.arch} L={levels} K={depth} width={width}, {n / 1e6:.2f}M params, "
-              f"{len(x)} images {tuple(x.shape[1:])}, {device}, from step {start}")  # fmt: skip
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+        a = args["flow"]
+        print(
+            f"flow: {cfg.arch} L={a['levels']} K={a['depth']} width={a['width']}, {n:.2f}M "
+            f"params, {len(x)} images {tuple(x.shape[1:])}, {device}, from step {start}"
+        )
     for step in range(start, cfg.steps):
-        lr = cfg.lr * min(1.0, (step + 1) / warmup)
+        done = step + 1
+        lr = cfg.lr * min(1.0, done / warmup)  # linear warmup, from the step alone
         for group in opt.param_groups:
             group["lr"] = lr
-        with autocast:  # -log p(x) in bits/dim, averaged over the batch
+
+        # forward and backward: -log p(x) in bits/dim, averaged over the batch
+        with autocast:
             loss = nll_bits(net, next(data)[0], cfg.n_bits, cfg.arch, cfg.alpha).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+
+        # update
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        log.add(bpd=loss)
-        done, stopping = step + 1, stop(step + 1)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            log.log(done, lr=lr)
-        if common.rank() == 0 and (cfg.sample_every and done % cfg.sample_every == 0 or done == cfg.steps):  # fmt: skip
-            model.eval()
-            save_pictures(model, cfg, x_test, f"samples_{done:06d}.png")
-            model.train()
-        if done == cfg.steps or stopping or cfg.ckpt_every and done % cfg.ckpt_every == 0:
-            log.check(done)  # never overwrite a good checkpoint with nan weights
-            common.checkpoint(cfg, done, data, model=model.state_dict(), opt=opt.state_dict(),
-                              shape=list(x.shape[1:]))  # fmt: skip
-        if stopping:
-            print(f"stopped by signal at step {done}; checkpoint saved to {cfg.out}/ckpt.pt", flush=True)  # fmt: skip
+
+        # log
+        loop.add(bpd=loss)
+        if common.due(done, cfg.log_every, cfg.steps, first=start + 1):
+            loop.log(done, lr=lr)
+
+        # checkpoint (when due, and on Ctrl-C / SIGTERM, which also stops the loop)
+        if loop.end_step(done, model=model, opt=opt, model_args=args):
             break
+
+        # pictures (after the checkpoint: a picture never costs one)
+        if cfg.sample_every and common.due(done, cfg.sample_every, cfg.steps, first=200):
+            if common.rank() == 0:
+                loop.aside(save_pictures, model, cfg, x_test, f"samples_{done:06d}.png")
     return model
 
 
 # -----------------------------------------------------------------------------
 # sampling and evaluation from a checkpoint
 def load_trained(cfg: Config):
-    """The flow of <out>/ckpt.pt, built from the flags it was trained with, and those flags."""
-    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt")
-    if not {"model", "shape", "config"} <= ck.keys() or "top" not in ck["model"]:
+    """The flow of <out>/ckpt.pt, rebuilt from its model_args, and the checkpoint; `cfg` takes
+    the run's pre-processing flags (--n-bits, --alpha, --arch)."""
+    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt", need=("model", "model_args"))
+    if "flow" not in ck["model_args"]:
         common.die(f"{cfg.out}/ckpt.pt is not a flow.py checkpoint")
-    fields = {f.name for f in dataclasses.fields(Config)}
-    mcfg = Config(**{k: v for k, v in ck["config"].items() if k in fields})  # the trained flags
-    mcfg.out, mcfg.seed, mcfg.temperature = cfg.out, cfg.seed, cfg.temperature
+    for k in ("n_bits", "alpha", "arch"):
+        setattr(cfg, k, ck["config"][k])
     device, _ = common.setup(cfg)
-    C, H, _ = ck["shape"]
-    model = build_model(mcfg, C, H).to(device).eval()
+    model = Flow(**ck["model_args"]["flow"]).to(device).eval()
     common.load_state(model, ck["model"])
-    return model, mcfg, ck, device
+    return model, ck, device
 
 
 @torch.no_grad()
 def sample(cfg: Config):
     """--sample N: N images at --temperature into <out>/samples.npz and samples.png."""
-    model, mcfg, ck, device = load_trained(cfg)
+    model, ck, device = load_trained(cfg)
     g = torch.Generator(device).manual_seed(cfg.seed)
-    xs = [model.inverse(n=min(cfg.batch_size, cfg.sample - i), temperature=cfg.temperature, generator=g)
-          for i in range(0, cfg.sample, cfg.batch_size)]  # fmt: skip
-    common.save_samples(cfg.out, to_images(torch.cat(xs), mcfg.n_bits, mcfg.arch, mcfg.alpha))
-    print(f"wrote {cfg.sample} samples (T={cfg.temperature}) to {cfg.out}/samples.npz and samples.png")  # fmt: skip
+    xs = []
+    for i in range(0, cfg.sample, cfg.batch_size):
+        n = min(cfg.batch_size, cfg.sample - i)
+        xs.append(model.inverse(n=n, temperature=cfg.temperature, generator=g))
+    common.save_samples(cfg.out, to_images(torch.cat(xs), cfg.n_bits, cfg.arch, cfg.alpha))
+    print(
+        f"wrote {cfg.sample} samples (T={cfg.temperature}) to {cfg.out}/samples.npz and samples.png"
+    )
 
 
 @torch.no_grad()
 def nll(cfg: Config):
     """--nll N: test bits/dim on the first N test images (one dequantization draw each), and
     samples at --temperature plus a z-interpolation between test images, as PNGs."""
-    model, mcfg, ck, device = load_trained(cfg)
-    cfg.image_size = ck["shape"][-1]
+    model, ck, device = load_trained(cfg)
+    cfg = common.from_run(cfg, ck)
+    cfg.image_size = ck["model_args"]["flow"]["size"]
     x = common.load_images(cfg, train=False)[0][: cfg.nll]
+    x = x.to(device).float() / 127.5 - 1  # uint8 -> the loader's [-1, 1]
     g = torch.Generator(device).manual_seed(cfg.seed)
-    to_x = lambda u8: u8.to(device).float() / 127.5 - 1  # uint8 -> the loader's [-1, 1]
-    bits = torch.cat([nll_bits(model, to_x(u), mcfg.n_bits, mcfg.arch, mcfg.alpha, g).cpu() for u in x.split(cfg.batch_size)])  # fmt: skip
-    res = {"bpd": bits.mean().item(), "sem": (bits.std() / len(bits) ** 0.5).item(),
-           "n": len(x), "n_bits": mcfg.n_bits, "arch": mcfg.arch, "step": ck["step"]}  # fmt: skip
+    bits = []
+    for xb in x.split(cfg.batch_size):
+        bits.append(nll_bits(model, xb, cfg.n_bits, cfg.arch, cfg.alpha, g).cpu())
+        print(f"bits/dim of {sum(map(len, bits))}/{len(x)} images", flush=True)
+    bits = torch.cat(bits)
+    res = {"bpd": bits.mean().item(), "sem": (bits.std() / len(bits) ** 0.5).item()}
+    res |= {"n": len(x), "n_bits": cfg.n_bits, "arch": cfg.arch, "step": ck["step"]}
     print(json.dumps(res))
     with open(Path(cfg.out) / "nll.jsonl", "a") as f:
         f.write(json.dumps(res) + "\n")
-    save_pictures(model, mcfg, to_x(x[:16]), f"samples_T{cfg.temperature}.png")
+    save_pictures(model, cfg, x[:16], f"samples_T{cfg.temperature}.png")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class Config(common.Config):
 # -----------------------------------------------------------------------------
 # model: DCGAN (Radford et al. Sec. 3 and Fig. 1)
 def stages(size: int):
-    """(stride-2 stages, start size): 28 -> (2, 7), 32 -> (3, 4), 64 -> (4, 4); None if unsupported."""
+    """(stride-2 stages, start size): 28 -> (2, 7), 32 -> (3, 4), 64 -> (4, 4); None if none."""
     n = int(math.log2(size)) - 2 if size >= 16 else 0
     return (n, size >> n) if n and size % 2**n == 0 else None
 
@@ -81,7 +81,8 @@ class Generator(nn.Module):
         c = ngf * 2 ** (n - 1)
         layers = [nn.ConvTranspose2d(z_dim, c, s0, 1, 0, bias=False), bn(c), nn.ReLU(True)]
         for _ in range(n - 1):  # (B, c, s, s) -> (B, c/2, 2s, 2s); BN makes the biases redundant
-            layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), bn(c // 2), nn.ReLU(True)]  # fmt: skip
+            up = nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False)
+            layers += [up, bn(c // 2), nn.ReLU(True)]
             c //= 2
         layers += [nn.ConvTranspose2d(c, out_ch, 4, 2, 1), nn.Tanh()]  # no BN on G's output
         self.net = nn.Sequential(*layers)
@@ -99,7 +100,8 @@ class Discriminator(nn.Module):
         n, s0 = stages(size)
         layers, c = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf  # no BN here
         for _ in range(n - 1):
-            layers += [nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False), bn(2 * c), nn.LeakyReLU(0.2, True)]  # fmt: skip
+            down = nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False)
+            layers += [down, bn(2 * c), nn.LeakyReLU(0.2, True)]
             c *= 2
         self.features = nn.Sequential(*layers)  # (B, c, s0, s0)
         self.out = nn.Conv2d(c, 1, s0, 1, 0)  # a linear layer on all features: the logit
@@ -117,7 +119,8 @@ def d_loss(real, fake, kind: str = "ns"):
     hinge: E relu(1 - D(x)) + E relu(1 + D(G(z))) (Lim & Ye 2017; Miyato et al. 2018 Eq. 16)."""
     if kind == "hinge":
         return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-    return F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))  # fmt: skip
+    bce = F.binary_cross_entropy_with_logits
+    return bce(real, torch.ones_like(real)) + bce(fake, torch.zeros_like(fake))
 
 
 def g_loss(fake, kind: str = "ns"):
@@ -132,19 +135,23 @@ def g_loss(fake, kind: str = "ns"):
     return -fake.mean()
 
 
-def d_step(G, D, opt_d, x, z, kind="ns", autocast=None):
-    """Alg. 1, inner loop (k = 1): ascend V on reals and detached fakes. Returns (stats, fakes);
-    the fakes carry G's graph for the G step."""
+def d_stats(loss, real_l, fake_l) -> dict:
+    """For the log: D's loss, mean D(x) and D(G(z)) as probabilities, D's accuracy."""
+    real_l, fake_l = real_l.detach().float(), fake_l.detach().float()
+    acc = ((real_l > 0).float().mean() + (fake_l < 0).float().mean()) / 2
+    d_x, d_gz = torch.sigmoid(real_l).mean(), torch.sigmoid(fake_l).mean()
+    return dict(loss_d=loss.detach(), d_x=d_x, d_gz=d_gz, d_acc=acc)
+
+
+def d_step(D, opt_d, real, fake, kind="ns", autocast=None):
+    """Alg. 1, inner loop (k = 1): one step up V on reals and fakes, detached from G."""
     with autocast or contextlib.nullcontext():  # bf16 on CUDA, from common.setup
-        fake = G(z)
-        real_l, fake_l = D(x), D(fake.detach())  # detach: the D step must not reach G
+        real_l, fake_l = D(real), D(fake.detach())  # detach: the D step must not reach G
         loss = d_loss(real_l, fake_l, kind)
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
     opt_d.step()
-    real_l, fake_l = real_l.detach().float(), fake_l.detach().float()
-    acc = ((real_l > 0).float().mean() + (fake_l < 0).float().mean()) / 2
-    return dict(loss_d=loss.detach(), d_x=torch.sigmoid(real_l).mean(), d_gz=torch.sigmoid(fake_l).mean(), d_acc=acc), fake  # fmt: skip
+    return d_stats(loss, real_l, fake_l)
 
 
 def g_step(D, opt_g, fake, kind="ns", autocast=None):
@@ -162,19 +169,25 @@ def g_step(D, opt_g, fake, kind="ns", autocast=None):
 
 # -----------------------------------------------------------------------------
 # training
-def build_models(cfg: Config, ch: int, size: int):
-    """(G, D) for this image size; an unsupported size is a one-line error."""
+def model_args(cfg: Config, ch: int, size: int) -> dict:
+    """G's and D's constructor arguments (saved as model_args); a size DCGAN cannot take is a
+    one-line error."""
     if not stages(size):
-        common.die(f"image size {size} does not fit DCGAN (16, 28, 32, 48, 64, 96, 128, ...: size / 2^(floor(log2 size) - 2) must be whole); set --image-size")  # fmt: skip
+        common.die(
+            f"image size {size} does not fit DCGAN (16, 28, 32, 48, 64, 96, 128, ...: "
+            "size / 2^(floor(log2 size) - 2) must be whole); set --image-size"
+        )
     ngf, ndf = (16, 16) if cfg.tiny else (cfg.ngf, cfg.ndf)
-    return Generator(cfg.z_dim, ch, ngf, size), Discriminator(ch, ndf, size)
+    G = dict(z_dim=cfg.z_dim, out_ch=ch, ngf=ngf, size=size)
+    return {"G": G, "D": dict(in_ch=ch, ndf=ndf, size=size)}
 
 
 def check_flags(cfg: Config):
-    """Flags with a fixed set or range of values: a wrong one is a one-line error before any work."""
+    """A flag outside its set or range of values is a one-line error, before any work."""
     if cfg.loss not in ("ns", "minimax", "hinge"):
         common.die(f"--loss {cfg.loss!r}: choose one of ns, minimax, hinge")
-    for name, lo in [("steps", 0), ("batch_size", 1), ("sample", 0), ("z_dim", 1), ("ngf", 1), ("ndf", 1)]:  # fmt: skip
+    at_least = dict(steps=0, batch_size=1, sample=0, z_dim=1, ngf=1, ndf=1)
+    for name, lo in at_least.items():
         if getattr(cfg, name) < lo:
             common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
     if not 0 <= cfg.ema < 1:
@@ -192,75 +205,88 @@ def generate(G, z, batch: int = 500):
     return x
 
 
+def save_grid(G, z, path):
+    common.save_grid(generate(G, z), path)
+
+
 def train(cfg: Config):
     """Alternate D and G steps with Adam; returns (G, D, EMA of G or None)."""
     device, autocast = common.setup(cfg)
     x, y = common.load_images(cfg, train=True)
-    G, D = (m.to(device) for m in build_models(cfg, x.shape[1], x.shape[-1]))
-    data = common.Batches(x, y, cfg.batch_size, cfg.seed, device, flip=cfg.dataset not in ("mnist", "fashion"))  # fmt: skip
-    adam = lambda m: torch.optim.Adam(m.parameters(), cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")  # fmt: skip
-    opt_g, opt_d = adam(G), adam(D)
+    args = model_args(cfg, x.shape[1], x.shape[-1])
+    G, D = Generator(**args["G"]).to(device), Discriminator(**args["D"]).to(device)
+    betas, fused = (cfg.beta1, cfg.beta2), device.type == "cuda"
+    opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=betas, fused=fused)
+    opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=betas, fused=fused)
     ema = common.EMA(G, cfg.ema) if cfg.ema else None
+    flip = cfg.dataset not in ("mnist", "fashion")
+    data = common.Batches(x, y, cfg.batch_size, cfg.seed, device, flip=flip)
     start = 0
     if cfg.resume:
-        ck = common.resume(cfg, data, need=("G", "D"))
+        ck = common.resume(cfg, data, need=("G", "D", "opt_g", "opt_d"))
         for m, k in [(G, "G"), (D, "D"), (opt_g, "opt_g"), (opt_d, "opt_d")]:
             common.load_state(m, ck[k], k)
         if ema:
             common.load_state(ema.module, ck.get("ema") or G.state_dict(), "EMA")
         start = ck["step"]
     G_, D_ = common.wrap(G, cfg, device), common.wrap(D, cfg, device)
-    z_fixed = torch.randn(64, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)  # fmt: skip
-    log, stop = common.Logger(cfg, start), common.Stopper()
+    z_fixed = torch.randn(64, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    z_fixed = z_fixed.to(device)  # the fixed noise of every sample grid
+    loop = common.Loop(cfg, data, start)
     if common.rank() == 0:
         n = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (G, D)]
-        print(f"gan: DCGAN G {n[0]:.2f}M + D {n[1]:.2f}M params, loss {cfg.loss}, {len(x)} images {tuple(x.shape[1:])}, {device}, from step {start}")  # fmt: skip
+        print(
+            f"gan: DCGAN G {n[0]:.2f}M + D {n[1]:.2f}M params, loss {cfg.loss}, {len(x)} images "
+            f"{tuple(x.shape[1:])}, {device}, from step {start}"
+        )
     for step in range(start, cfg.steps):
-        x_real = next(data)[0]
-        z = torch.randn(len(x_real), cfg.z_dim, device=device)
-        # ---- D step: real images and detached fakes
-        stats, fake = d_step(G_, D_, opt_d, x_real, z, cfg.loss, autocast)
-        # ---- G step: the same fakes, through the updated D
+        done = step + 1
+        real = next(data)[0]
+        with autocast:  # the fakes of this step, with G's graph for the G step
+            fake = G_(torch.randn(len(real), cfg.z_dim, device=device))
+
+        # D step: real images and detached fakes
+        stats = d_step(D_, opt_d, real, fake, cfg.loss, autocast)
+
+        # G step: the same fakes, through the updated D
         stats |= g_step(D_, opt_g, fake, cfg.loss, autocast)
         if ema:
             ema.update(G, step)
-        log.add(**stats)  # d_x = mean D(x), d_gz = mean D(G(z)) before the D step, as probabilities
-        done, stopping = step + 1, stop(step + 1)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            log.log(done)
-        if common.rank() == 0 and (cfg.sample_every and done % cfg.sample_every == 0 or done == cfg.steps):  # fmt: skip
-            common.save_grid(generate(ema.module if ema else G, z_fixed), Path(cfg.out) / f"samples_{done:06d}.png")  # fmt: skip
-        if done == cfg.steps or stopping or cfg.ckpt_every and done % cfg.ckpt_every == 0:
-            log.check(done)  # never overwrite a good checkpoint with nan weights
-            common.checkpoint(cfg, done, data, G=G.state_dict(), D=D.state_dict(), opt_g=opt_g.state_dict(),
-                              opt_d=opt_d.state_dict(), ema=ema.module.state_dict() if ema else None,
-                              shape=list(x.shape[1:]))  # fmt: skip
-        if stopping:
-            print(f"stopped by signal at step {done}; checkpoint saved to {cfg.out}/ckpt.pt", flush=True)  # fmt: skip
+
+        # log: d_x = mean D(x), d_gz = mean D(G(z)) before the D step, as probabilities
+        loop.add(**stats)
+        if common.due(done, cfg.log_every, cfg.steps, first=start + 1):
+            loop.log(done)
+
+        # checkpoint (when due, and on Ctrl-C / SIGTERM, which also stops the loop)
+        state = dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d, ema=ema.module if ema else None)
+        if loop.end_step(done, **state, model_args=args):
             break
+
+        # sample a fixed-noise grid (after the checkpoint: a picture never costs one)
+        if cfg.sample_every and common.due(done, cfg.sample_every, cfg.steps, first=200):
+            if common.rank() == 0:
+                path = Path(cfg.out) / f"samples_{done:06d}.png"
+                loop.aside(save_grid, ema.module if ema else G, z_fixed, path)
     return G, D, ema
 
 
 # -----------------------------------------------------------------------------
 # sampling
 def load_trained(cfg: Config):
-    """G of <out>/ckpt.pt (its EMA when it has one), built from the flags it was trained with."""
-    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt")
-    if not {"G", "D", "shape", "config"} <= ck.keys():  # e.g. another script's checkpoint
-        common.die(f"{cfg.out}/ckpt.pt is not a gan.py checkpoint")
-    fields = {f.name for f in dataclasses.fields(Config)}
-    mcfg = Config(**{k: v for k, v in ck["config"].items() if k in fields})  # the trained flags
+    """G of <out>/ckpt.pt (its EMA when it has one), rebuilt from the checkpoint's model_args."""
+    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt", need=("G", "model_args"))
     device, _ = common.setup(cfg)
-    C, H, _ = ck["shape"]
-    G = build_models(mcfg, C, H)[0].to(device)
-    common.load_state(G, ck["ema"] or ck["G"], "generator")
-    return G, mcfg, device
+    G = Generator(**ck["model_args"]["G"]).to(device)
+    common.load_state(G, ck.get("ema") or ck["G"], "generator")
+    return G, ck, device
 
 
 def sample(cfg: Config):
     """--sample N: N images from G into <out>/samples.npz and samples.png."""
-    G, mcfg, device = load_trained(cfg)
-    z = torch.randn(cfg.sample, mcfg.z_dim, device=device, generator=torch.Generator(device).manual_seed(cfg.seed))  # fmt: skip
+    G, ck, device = load_trained(cfg)
+    g = torch.Generator(device).manual_seed(cfg.seed)
+    z = torch.randn(cfg.sample, ck["model_args"]["G"]["z_dim"], device=device, generator=g)
     common.save_samples(cfg.out, generate(G, z, cfg.batch_size))
     print(f"wrote {cfg.sample} samples to {cfg.out}/samples.npz and samples.png")
 

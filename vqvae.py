@@ -66,7 +66,8 @@ class ResBlock(nn.Module):
 
     def __init__(self, ch: int, res_ch: int):
         super().__init__()
-        self.net = nn.Sequential(nn.ReLU(), nn.Conv2d(ch, res_ch, 3, padding=1), nn.ReLU(), nn.Conv2d(res_ch, ch, 1))  # fmt: skip
+        conv3, conv1 = nn.Conv2d(ch, res_ch, 3, padding=1), nn.Conv2d(res_ch, ch, 1)
+        self.net = nn.Sequential(nn.ReLU(), conv3, nn.ReLU(), conv1)
 
     def forward(self, x):
         return x + self.net(x)
@@ -78,9 +79,12 @@ class Encoder(nn.Module):
     def __init__(self, in_ch, ch, res_ch, D):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(in_ch, ch // 2, 4, 2, 1), nn.ReLU(), nn.Conv2d(ch // 2, ch, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(ch, ch, 3, padding=1), ResBlock(ch, res_ch), ResBlock(ch, res_ch), nn.ReLU(),
-            nn.Conv2d(ch, D, 1))  # fmt: skip
+            nn.Conv2d(in_ch, ch // 2, 4, 2, 1), nn.ReLU(),  # H/2
+            nn.Conv2d(ch // 2, ch, 4, 2, 1), nn.ReLU(),  # H/4
+            nn.Conv2d(ch, ch, 3, padding=1),
+            ResBlock(ch, res_ch), ResBlock(ch, res_ch), nn.ReLU(),
+            nn.Conv2d(ch, D, 1),
+        )  # fmt: skip
 
     def forward(self, x):
         return self.net(x)  # (B, D, H/4, W/4)
@@ -92,8 +96,11 @@ class Decoder(nn.Module):
     def __init__(self, out_ch, ch, res_ch, D):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(D, ch, 3, padding=1), ResBlock(ch, res_ch), ResBlock(ch, res_ch), nn.ReLU(),
-            nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(ch // 2, out_ch, 4, 2, 1))  # fmt: skip
+            nn.Conv2d(D, ch, 3, padding=1),
+            ResBlock(ch, res_ch), ResBlock(ch, res_ch), nn.ReLU(),
+            nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1), nn.ReLU(),  # H/2
+            nn.ConvTranspose2d(ch // 2, out_ch, 4, 2, 1),  # H
+        )  # fmt: skip
 
     def forward(self, z_q):
         return self.net(z_q)  # (B, C, H, W)
@@ -142,8 +149,8 @@ class VectorQuantizer(nn.Module):
             if self.training:
                 counts = self.update(flat.detach(), idx, counts)
             p = counts / counts.sum()
-            stats = {"perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum()),  # exp(entropy)
-                     "usage": (counts > 0).float().mean()}  # share of codes in this batch  # fmt: skip
+            perplexity = torch.exp(-(p * torch.log(p + 1e-10)).sum())  # exp(entropy of code use)
+            stats = {"perplexity": perplexity, "usage": (counts > 0).float().mean()}
             z_q = flat + (z_q - flat).detach()  # straight-through: forward z_q, backward identity
         return z_q.view(B, H, W, D).permute(0, 3, 1, 2), loss, idx.view(B, H, W), stats
 
@@ -178,7 +185,18 @@ class VectorQuantizer(nn.Module):
 class VQVAE(nn.Module):
     """Encoder -> VectorQuantizer -> Decoder; the latent grid is H/4 x W/4 code indices."""
 
-    def __init__(self, in_ch=1, ch=128, res_ch=32, K=512, D=64, beta=0.25, ema=False, decay=0.99, dead_threshold=1.0):  # fmt: skip
+    def __init__(
+        self,
+        in_ch=1,
+        ch=128,
+        res_ch=32,
+        K=512,
+        D=64,
+        beta=0.25,
+        ema=False,
+        decay=0.99,
+        dead_threshold=1.0,
+    ):
         super().__init__()
         self.encoder = Encoder(in_ch, ch, res_ch, D)
         self.quantizer = VectorQuantizer(K, D, beta, ema, decay, dead_threshold)
@@ -205,19 +223,17 @@ class Block(nn.Module):
 
     def __init__(self, dim, heads, dropout):
         super().__init__()
-        self.ln1, self.ln2, self.heads, self.dropout = (
-            nn.LayerNorm(dim),
-            nn.LayerNorm(dim),
-            heads,
-            dropout,
-        )
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.heads, self.dropout = heads, dropout
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))  # fmt: skip
+        mlp = [nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout)]
+        self.mlp = nn.Sequential(*mlp)
 
     def forward(self, x):
         B, L, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # fmt: skip
-        p = self.dropout if self.training else 0.0  # (B, heads, L, C/heads) each
+        qkv = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, heads, L, C/heads) each
+        p = self.dropout if self.training else 0.0
         h = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # i sees j <= i
         x = x + F.dropout(self.proj(h.transpose(1, 2).reshape(B, L, C)), p)
         return x + self.mlp(self.ln2(x))
@@ -254,45 +270,54 @@ def sample_codes(prior, n: int, L: int, temperature=1.0, generator=None, device=
 
 # -----------------------------------------------------------------------------
 # training
-def build_vqvae(cfg: Config, in_ch: int, size: int) -> VQVAE:
-    """Stage 1 for these flags; an image size the two stride-2 stages cannot halve is an error."""
+def vqvae_args(cfg: Config, in_ch: int, size: int) -> dict:
+    """Stage 1's constructor arguments; a size the two stride-2 stages cannot halve is an error."""
     if size % 4 or size < 8:
-        common.die(f"image size {size} does not fit the VQ-VAE (a multiple of 4, e.g. 28, 32, 64); set --image-size")  # fmt: skip
+        common.die(
+            f"image size {size} does not fit the VQ-VAE (a multiple of 4, e.g. 28, 32, "
+            "64); set --image-size"
+        )
     ch, res = (32, 16) if cfg.tiny else (cfg.ch, cfg.res_ch)
-    return VQVAE(in_ch, ch, res, cfg.num_codes, cfg.code_dim, cfg.beta, cfg.ema, cfg.ema_decay, cfg.dead_threshold)  # fmt: skip
+    quantizer = dict(K=cfg.num_codes, D=cfg.code_dim, beta=cfg.beta, ema=cfg.ema)
+    quantizer |= dict(decay=cfg.ema_decay, dead_threshold=cfg.dead_threshold)
+    return dict(in_ch=in_ch, ch=ch, res_ch=res, **quantizer)
 
 
-def build_prior(cfg: Config, L: int) -> CodePrior:
-    dim, layers, heads = (64, 2, 4) if cfg.tiny else (cfg.prior_dim, cfg.prior_layers, cfg.prior_heads)  # fmt: skip
+def prior_args(cfg: Config, K: int, L: int) -> dict:
+    """Stage 2's constructor arguments, for K codes in grids of L."""
+    dim, layers, heads = (cfg.prior_dim, cfg.prior_layers, cfg.prior_heads)
+    if cfg.tiny:
+        dim, layers, heads = 64, 2, 4
     if dim % heads:
         common.die(f"--prior-dim {dim} must divide by --prior-heads {heads}")
-    return CodePrior(cfg.num_codes, L, dim, layers, heads, cfg.prior_dropout)
+    return dict(K=K, L=L, dim=dim, layers=layers, heads=heads, dropout=cfg.prior_dropout)
 
 
 def check_flags(cfg: Config):
-    """Flags with a fixed set or range of values: a wrong one is a one-line error before any work."""
+    """A flag outside its set or range of values is a one-line error, before any work."""
     if cfg.stage not in ("vqvae", "prior"):
         common.die(f"--stage {cfg.stage!r}: choose vqvae or prior")
-    for name, lo in [("steps", 0), ("batch_size", 1), ("sample", 0), ("num_codes", 2), ("code_dim", 1), ("temperature", 1e-6)]:  # fmt: skip
+    at_least = dict(steps=0, batch_size=1, sample=0, num_codes=2, code_dim=1, temperature=1e-6)
+    for name, lo in at_least.items():
         if getattr(cfg, name) < lo:
             common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
 
 
-def model_config(ck: dict, key="config") -> Config:
-    """The flags a checkpoint's model was built with."""
-    fields = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in ck[key].items() if k in fields})
-
-
 def load_stage1(cfg: Config, device):
-    """Stage 1 from <out>/ckpt.pt (a stage-1 or a prior checkpoint): (model, its config, ckpt)."""
-    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt")
-    if not {"model", "shape", "config"} <= ck.keys():  # e.g. another script's checkpoint
-        common.die(f"{cfg.out}/ckpt.pt is not a vqvae.py checkpoint")
-    vcfg = model_config(ck, "vq_config" if ck.get("stage") == "prior" else "config")
-    vq = build_vqvae(vcfg, ck["shape"][0], ck["shape"][-1]).to(device).eval()
+    """Stage 1 of <out>/ckpt.pt (a stage-1 or a prior checkpoint), rebuilt from its model_args:
+    (model, checkpoint)."""
+    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt", need=("model", "model_args", "shape"))
+    vq = VQVAE(**ck["model_args"]["vqvae"]).to(device).eval()
     common.load_state(vq, ck["model"], "VQ-VAE")
-    return vq, vcfg, ck
+    return vq, ck
+
+
+def save_reconstructions(model, x, path):
+    """A VQ-VAE alone cannot sample: originals beside their reconstructions."""
+    with torch.no_grad():
+        pairs = torch.stack([x, model.eval()(x)[0].float()], 1).flatten(0, 1)
+    model.train()
+    common.save_grid(pairs, path)
 
 
 def train_vqvae(cfg: Config):
@@ -300,99 +325,138 @@ def train_vqvae(cfg: Config):
     device, autocast = common.setup(cfg)
     x, y = common.load_images(cfg, train=True)
     x_test = common.load_images(cfg, train=False)[0][:32].to(device).float() / 127.5 - 1
-    model = build_vqvae(cfg, x.shape[1], x.shape[-1]).to(device)
-    data = common.Batches(x, y, cfg.batch_size, cfg.seed, device, flip=cfg.dataset not in ("mnist", "fashion"))  # fmt: skip
+    args = {"vqvae": vqvae_args(cfg, x.shape[1], x.shape[-1])}
+    model = VQVAE(**args["vqvae"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
+    flip = cfg.dataset not in ("mnist", "fashion")
+    data = common.Batches(x, y, cfg.batch_size, cfg.seed, device, flip=flip)
     start = 0
     if cfg.resume:
-        ck = common.resume(cfg, data)
+        ck = common.resume(cfg, data, need=("model", "opt"))
         if ck.get("stage") == "prior":
-            common.die(f"{cfg.out}/ckpt.pt already holds a prior trained on this VQ-VAE; train stage 1 further in a new --out")  # fmt: skip
-        common.load_state(model, ck["model"]), common.load_state(opt, ck["opt"], "optimizer")
+            common.die(
+                f"{cfg.out}/ckpt.pt already holds a prior trained on this VQ-VAE; train "
+                "stage 1 further in a new --out"
+            )
+        common.load_state(model, ck["model"])
+        common.load_state(opt, ck["opt"], "optimizer")
         start = ck["step"]
     net = common.wrap(model, cfg, device)
-    log, stop = common.Logger(cfg, start), common.Stopper()
+    loop = common.Loop(cfg, data, start)
     if common.rank() == 0:
-        n = sum(p.numel() for p in model.parameters())
-        print(f"vqvae: stage 1, {n / 1e6:.2f}M params, K={cfg.num_codes} D={cfg.code_dim} {'EMA' if cfg.ema else 'Eq. 3'} codebook, {len(x)} images {tuple(x.shape[1:])}, {device}, from step {start}")  # fmt: skip
+        n = sum(p.numel() for p in model.parameters()) / 1e6
+        book = "EMA" if cfg.ema else "Eq. 3"
+        print(
+            f"vqvae: stage 1, {n:.2f}M params, K={cfg.num_codes} D={cfg.code_dim} {book} "
+            f"codebook, {len(x)} images {tuple(x.shape[1:])}, {device}, from step {start}"
+        )
     for step in range(start, cfg.steps):
+        done = step + 1
         x0 = next(data)[0]
-        with autocast:  # Eq. 3: reconstruction + codebook (unless EMA) + beta * commitment
+
+        # forward and backward: Eq. 3, reconstruction + codebook (unless EMA) + beta commitment
+        with autocast:
             x_hat, vq_loss, _, stats = net(x0)
             rec = F.mse_loss(x_hat.float(), x0)
             loss = rec + vq_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
+
+        # update (the EMA codebook was updated in the forward pass)
         opt.step()
-        log.add(loss=loss, mse=rec, vq=vq_loss, **stats)
-        done, stopping = step + 1, stop(step + 1)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            log.log(done)
-        if common.rank() == 0 and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):  # fmt: skip
-            with torch.no_grad():  # a VQ-VAE alone cannot sample: originals beside reconstructions
-                pairs = torch.stack([x_test, model.eval()(x_test)[0].float()], 1).flatten(0, 1)
-                common.save_grid(pairs, Path(cfg.out) / f"recon_{done:06d}.png")
-            model.train()
-        if done == cfg.steps or stopping or cfg.ckpt_every and done % cfg.ckpt_every == 0:
-            log.check(done)  # never overwrite a good checkpoint with nan weights
-            common.checkpoint(cfg, done, data, model=model.state_dict(), opt=opt.state_dict(),
-                              shape=list(x.shape[1:]), stage="vqvae")  # fmt: skip
-        if stopping:
-            print(f"stopped by signal at step {done}; checkpoint saved to {cfg.out}/ckpt.pt", flush=True)  # fmt: skip
+
+        # log
+        loop.add(loss=loss, mse=rec, vq=vq_loss, **stats)
+        if common.due(done, cfg.log_every, cfg.steps, first=start + 1):
+            loop.log(done)
+
+        # checkpoint (when due, and on Ctrl-C / SIGTERM, which also stops the loop)
+        state = dict(model=model, opt=opt, model_args=args, shape=list(x.shape[1:]))
+        if loop.end_step(done, **state, stage="vqvae"):
             break
+
+        # reconstructions of test images (after the checkpoint: a picture never costs one)
+        if cfg.sample_every and common.due(done, cfg.sample_every, cfg.steps, first=200):
+            if common.rank() == 0:
+                path = Path(cfg.out) / f"recon_{done:06d}.png"
+                loop.aside(save_reconstructions, model, x_test, path)
     return model
+
+
+@torch.no_grad()
+def save_prior_samples(vq, prior, h, w, temperature, g, path):
+    """64 code grids from the prior, decoded: the same draws every time (a fixed generator)."""
+    idx = sample_codes(prior.eval(), 64, h * w, temperature, g, next(prior.parameters()).device)
+    prior.train()
+    common.save_grid(vq.decode(idx.view(-1, h, w)), path)
 
 
 def train_prior(cfg: Config):
     """Stage 2: maximum likelihood of the training set's code grids under the prior."""
     device, autocast = common.setup(cfg)
-    vq, vcfg, ck1 = load_stage1(cfg, device)
-    cfg.image_size, cfg.num_codes = ck1["shape"][-1], vcfg.num_codes  # stage 1 decides these
+    vq, ck1 = load_stage1(cfg, device)
+    cfg.image_size, K = ck1["shape"][-1], ck1["model_args"]["vqvae"]["K"]  # stage 1 decides
     x, _ = common.load_images(cfg, train=True)
-    codes = torch.cat([vq.encode(xb.to(device).float() / 127.5 - 1).flatten(1).cpu() for xb in x.split(500)])  # fmt: skip
-    # the (N, L) code sequences ride in the label slot of common.Batches; the image slot is empty
-    data = common.Batches(torch.zeros(len(codes), 0, dtype=torch.uint8), codes, cfg.batch_size, cfg.seed, device)  # fmt: skip
-    prior = build_prior(cfg, codes.shape[1]).to(device)
-    opt = torch.optim.AdamW(prior.parameters(), lr=cfg.lr, weight_decay=0.01, fused=device.type == "cuda")  # fmt: skip
+    codes = [vq.encode(xb.to(device).float() / 127.5 - 1).flatten(1).cpu() for xb in x.split(500)]
+    codes = torch.cat(codes)  # (N, L) code sequences, raster order
+    # the code sequences ride in the label slot of common.Batches; the image slot is empty
+    no_images = torch.zeros(len(codes), 0, dtype=torch.uint8)
+    data = common.Batches(no_images, codes, cfg.batch_size, cfg.seed, device)
+    args = {"vqvae": ck1["model_args"]["vqvae"], "prior": prior_args(cfg, K, codes.shape[1])}
+    prior = CodePrior(**args["prior"]).to(device)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(prior.parameters(), lr=cfg.lr, weight_decay=0.01, fused=fused)
     start = 0
     if cfg.resume:
         ck = common.resume(cfg, data)
         if ck.get("stage") != "prior":
-            common.die(f"--resume: {cfg.out}/ckpt.pt holds no prior yet; run --stage prior without --resume")  # fmt: skip
-        common.load_state(prior, ck["prior"], "prior"), common.load_state(opt, ck["prior_opt"], "optimizer")  # fmt: skip
+            common.die(
+                f"--resume: {cfg.out}/ckpt.pt holds no prior yet; run --stage prior "
+                "without --resume"
+            )
+        common.load_state(prior, ck["prior"], "prior")
+        common.load_state(opt, ck["prior_opt"], "optimizer")
         start = ck["step"]
     net = common.wrap(prior, cfg, device)
-    log, stop = common.Logger(cfg, start), common.Stopper()
-    g_fixed = lambda: torch.Generator(device).manual_seed(cfg.seed)  # the same samples every time
+    loop = common.Loop(cfg, data, start)
     h, w = ck1["shape"][1] // 4, ck1["shape"][2] // 4
+    vq_step = ck1.get("vq_step", ck1["step"])
     if common.rank() == 0:
-        n = sum(p.numel() for p in prior.parameters())
-        print(f"vqvae: stage 2 prior, {n / 1e6:.2f}M params, {len(codes)} code grids {h}x{w} of K={vcfg.num_codes}, {device}, from step {start}")  # fmt: skip
+        n = sum(p.numel() for p in prior.parameters()) / 1e6
+        print(
+            f"vqvae: stage 2 prior, {n:.2f}M params, {len(codes)} code grids {h}x{w} of K={K}, "
+            f"{device}, from step {start}"
+        )
     for step in range(start, cfg.steps):
+        done = step + 1
         k = next(data)[1]
-        with autocast:  # -log p(k) = -sum_i log p(k_i | k_<i), in nats per code
+
+        # forward and backward: -log p(k) = -sum_i log p(k_i | k_<i), in nats per code
+        with autocast:
             loss = F.cross_entropy(net(k).flatten(0, 1).float(), k.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+
+        # update
         torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
         opt.step()
-        log.add(nll=loss)
-        done, stopping = step + 1, stop(step + 1)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            log.log(done)
-        if common.rank() == 0 and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):  # fmt: skip
-            idx = sample_codes(prior.eval(), 64, h * w, cfg.temperature, g_fixed(), device)
-            common.save_grid(
-                vq.decode(idx.view(-1, h, w)), Path(cfg.out) / f"samples_{done:06d}.png"
-            )
-            prior.train()
-        if done == cfg.steps or stopping or cfg.ckpt_every and done % cfg.ckpt_every == 0:
-            log.check(done)
-            common.checkpoint(cfg, done, data, model=vq.state_dict(), prior=prior.state_dict(), prior_opt=opt.state_dict(),
-                              shape=ck1["shape"], stage="prior", vq_config=dataclasses.asdict(vcfg), vq_step=ck1.get("vq_step", ck1["step"]))  # fmt: skip
-        if stopping:
-            print(f"stopped by signal at step {done}; checkpoint saved to {cfg.out}/ckpt.pt", flush=True)  # fmt: skip
+
+        # log
+        loop.add(nll=loss)
+        if common.due(done, cfg.log_every, cfg.steps, first=start + 1):
+            loop.log(done)
+
+        # checkpoint (when due, and on Ctrl-C / SIGTERM, which also stops the loop)
+        state = dict(model=vq, prior=prior, prior_opt=opt, model_args=args, shape=ck1["shape"])
+        if loop.end_step(done, **state, stage="prior", vq_step=vq_step):
             break
+
+        # sample a grid (after the checkpoint: a picture never costs one)
+        if cfg.sample_every and common.due(done, cfg.sample_every, cfg.steps, first=200):
+            if common.rank() == 0:
+                g = torch.Generator(device).manual_seed(cfg.seed)
+                path = Path(cfg.out) / f"samples_{done:06d}.png"
+                loop.aside(save_prior_samples, vq, prior, h, w, cfg.temperature, g, path)
     return prior
 
 
@@ -400,16 +464,20 @@ def train_prior(cfg: Config):
 # sampling and evaluation from a checkpoint
 def load_prior(cfg: Config, ck: dict, device) -> CodePrior:
     if ck.get("stage") != "prior":
-        common.die(f"{cfg.out}/ckpt.pt has no prior: a VQ-VAE alone cannot sample; train one with --stage prior")  # fmt: skip
-    prior = build_prior(model_config(ck), (ck["shape"][1] // 4) * (ck["shape"][2] // 4))
+        common.die(
+            f"{cfg.out}/ckpt.pt has no prior: a VQ-VAE alone cannot sample; train one "
+            "with --stage prior"
+        )
+    prior = CodePrior(**ck["model_args"]["prior"])
     common.load_state(prior.to(device).eval(), ck["prior"], "prior")
     return prior
 
 
+@torch.no_grad()
 def sample(cfg: Config):
     """--sample N: codes from the prior, decoded by stage 1, into samples.npz and samples.png."""
     device, _ = common.setup(cfg)
-    vq, _, ck = load_stage1(cfg, device)
+    vq, ck = load_stage1(cfg, device)
     prior, (_, H, W) = load_prior(cfg, ck, device), ck["shape"]
     g, xs = torch.Generator(device).manual_seed(cfg.seed), []
     for i in range(0, cfg.sample, cfg.batch_size):
@@ -418,34 +486,41 @@ def sample(cfg: Config):
         xs.append(vq.decode(idx.view(n, H // 4, W // 4)).clamp(-1, 1))
         print(f"sampled {i + n}/{cfg.sample}", flush=True)
     common.save_samples(cfg.out, torch.cat(xs))
-    print(f"wrote {cfg.sample} samples (temperature {cfg.temperature}) to {cfg.out}/samples.npz and samples.png")  # fmt: skip
+    print(
+        f"wrote {cfg.sample} samples (temperature {cfg.temperature}) to {cfg.out}/samples.npz "
+        "and samples.png"
+    )
 
 
 @torch.no_grad()
 def evaluate(cfg: Config) -> dict:
     """--eval: test reconstruction MSE and PSNR, codebook perplexity and usage, the prior's NLL."""
     device, _ = common.setup(cfg)
-    vq, vcfg, ck = load_stage1(cfg, device)
-    cfg.image_size = ck["shape"][-1]
+    vq, ck = load_stage1(cfg, device)
+    cfg = common.from_run(cfg, ck)
+    cfg.image_size, K = ck["shape"][-1], ck["model_args"]["vqvae"]["K"]
     x = common.load_images(cfg, train=False)[0]
-    se, counts, nll = 0.0, torch.zeros(vcfg.num_codes, device=device), []
+    se, counts, nll = 0.0, torch.zeros(K, device=device), []
     prior = load_prior(cfg, ck, device) if ck.get("stage") == "prior" else None
     for xb in x.split(cfg.batch_size):
         xb = xb.to(device).float() / 127.5 - 1
         x_hat, _, idx, _ = vq(xb)
         se += (x_hat.clamp(-1, 1) - xb).pow(2).sum().item()
-        counts += torch.bincount(idx.flatten(), minlength=vcfg.num_codes)
-        if prior is not None:
+        counts += torch.bincount(idx.flatten(), minlength=K)
+        if prior is not None:  # -log p(k) per grid, in nats
             k = idx.flatten(1)
-            nll.append(F.cross_entropy(prior(k).flatten(0, 1).float(), k.flatten(), reduction="none").view(len(k), -1).sum(1))  # fmt: skip
+            ce = F.cross_entropy(prior(k).flatten(0, 1).float(), k.flatten(), reduction="none")
+            nll.append(ce.view(len(k), -1).sum(1))
     mse = se / x.numel()  # per pixel, images in [-1, 1]
     p = counts / counts.sum()
-    res = {"mse": mse, "psnr_db": 10 * math.log10(4 / mse),  # peak-to-peak 2: 10 log10(2^2 / MSE)
-           "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum()).item(),
-           "codes_used": int((counts > 0).sum()), "K": vcfg.num_codes, "n": len(x), "step": ck.get("vq_step", ck["step"])}  # fmt: skip
+    res = {"mse": mse, "psnr_db": 10 * math.log10(4 / mse)}  # peak-to-peak 2: 10 log10(2^2 / MSE)
+    res["perplexity"] = torch.exp(-(p * torch.log(p + 1e-10)).sum()).item()
+    res |= {"codes_used": int((counts > 0).sum()), "K": K, "n": len(x)}
+    res["step"] = ck.get("vq_step", ck["step"])
     if nll:  # nats per code grid (one per image), and bits per code
         nats = torch.cat(nll).mean().item()
-        res.update(prior_nll_nats=nats, prior_bits_per_code=nats / (idx[0].numel() * math.log(2)), prior_step=ck["step"])  # fmt: skip
+        bits = nats / (idx[0].numel() * math.log(2))
+        res |= dict(prior_nll_nats=nats, prior_bits_per_code=bits, prior_step=ck["step"])
     print(json.dumps(res))
     with open(Path(cfg.out) / "eval.jsonl", "a") as f:
         f.write(json.dumps(res) + "\n")

@@ -100,7 +100,10 @@ def test_batches_resume_mid_epoch_and_range():
 
 
 def test_logger_nan_guard_exits_1(tmp_path, capsys):
-    log = common.Logger(common.Config(out=str(tmp_path), steps=10), 0)
+    data = common.Batches(
+        torch.zeros(4, 1, 1, 1, dtype=torch.uint8), torch.zeros(4), 2, 0, torch.device("cpu")
+    )
+    log = common.Loop(common.Config(out=str(tmp_path), steps=10), data, 0)
     log.add(loss=torch.tensor(0.5))
     assert log.check(1) == {"loss": 0.5}
     log.add(loss=torch.tensor(float("inf")))

@@ -207,7 +207,7 @@ def test_nll_bound_above_and_close_to_exact_gaussian_likelihood():
 @pytest.mark.parametrize("size,ch", [(28, 1), (32, 3), (64, 3)])
 def test_unet_shapes_and_time_dependence(size, ch):
     torch.manual_seed(0)
-    m = D.build_model(D.Config(tiny=True), ch, size)
+    m = D.UNet(**D.model_args(D.Config(tiny=True), ch, size)["unet"])
     for p in m.parameters():  # zero-initialised convs (block outputs, head) would hide t at init
         if p.dim() > 1 and not p.any():
             torch.nn.init.normal_(p, std=0.05)
@@ -219,9 +219,10 @@ def test_unet_shapes_and_time_dependence(size, ch):
 
 
 def test_unet_matches_paper_size():
-    n = sum(p.numel() for p in D.build_model(D.Config(), 3, 32).parameters())
+    build = lambda cfg, ch, size: D.UNet(**D.model_args(cfg, ch, size)["unet"])
+    n = sum(p.numel() for p in build(D.Config(), 3, 32).parameters())
     assert abs(n / 1e6 - 35.7) < 0.1  # Ho et al. report 35.7M for the CIFAR-10 model
-    assert sum(p.numel() for p in D.build_model(D.Config(tiny=True), 1, 28).parameters()) < 1e6
+    assert sum(p.numel() for p in build(D.Config(tiny=True), 1, 28).parameters()) < 1e6
 
 
 # -----------------------------------------------------------------------------
@@ -289,7 +290,8 @@ def test_cli_folder_dataset_from_pngs(tmp_path):
         "--out",
         out,
     )
-    assert torch.load(out / "ckpt.pt", weights_only=True)["shape"] == [3, 32, 32]
+    unet = torch.load(out / "ckpt.pt", weights_only=True)["model_args"]["unet"]
+    assert (unet["in_ch"], unet["image_size"]) == (3, 32)
 
 
 def test_cli_bad_input(fake_mnist, tmp_path):
@@ -297,7 +299,7 @@ def test_cli_bad_input(fake_mnist, tmp_path):
     empty.mkdir()
     cli = lambda *a: run("ddpm_ddim.py", "--out", out, *a, check=False)
     data = ["--data-dir", fake_mnist]
-    assert_one_line_error(cli("--tiny", "--data-dir", empty, "--no-download"), "cannot load mnist")
+    assert_one_line_error(cli("--tiny", "--data-dir", empty, "--no-download"), "mnist not found in")
     assert_one_line_error(cli("--sample", 4), "no checkpoint")
     assert_one_line_error(cli("--dataset", "imagenet21k"), "unknown dataset")
     assert_one_line_error(cli("--tiny", *data, "--image-size", 30), "image size 30")

@@ -79,7 +79,7 @@ def test_malformed_samples_are_one_line_errors(tmp_path):
     )
     np.savez(tmp_path / "ok.npz", np.zeros((4, 28, 28, 1), np.uint8))
     assert_one_line_error(
-        run("evaluate.py", tmp_path / "ok.npz", *off, check=False), "cannot load mnist"
+        run("evaluate.py", tmp_path / "ok.npz", *off, check=False), "mnist not found in"
     )
 
 

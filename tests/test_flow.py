@@ -241,10 +241,10 @@ def test_cli_bad_input(fake_mnist, tmp_path):
     data = ["--data-dir", fake_mnist]
     assert_one_line_error(cli("--tiny", *data, "--image-size", 30), "image size 30 cannot be squeezed")  # fmt: skip
     assert_one_line_error(cli("--sample", 4), "no checkpoint")
-    assert_one_line_error(cli("--tiny", "--data-dir", tmp_path / "none", "--no-download"), "cannot load mnist")  # fmt: skip
+    assert_one_line_error(cli("--tiny", "--data-dir", tmp_path / "none", "--no-download"), "mnist not found in")  # fmt: skip
     run("flow.py", *TINY, *data, "--out", out, "--steps", 1)
     assert_one_line_error(cli(*data, "--steps", 2, "--resume"), "does not fit")  # not --tiny
-    torch.save({"step": 1, "model": {}, "shape": [1, 28, 28], "config": {}}, out / "ckpt.pt")
+    torch.save({"step": 1, "model": {}, "model_args": {"unet": {}}, "config": {}}, out / "ckpt.pt")
     assert_one_line_error(cli("--sample", 4), "not a flow.py checkpoint")
     (out / "ckpt.pt").write_bytes(b"garbage")
     assert_one_line_error(cli("--sample", 4), "corrupted")
@@ -260,14 +260,15 @@ def test_bad_flags_are_one_line_errors(flag, value, capsys):
 
 
 def test_levels_the_size_cannot_take_are_a_one_line_error(capsys):
-    assert Fl.resolve(Fl.Config(levels=3), 32)[0] == 3 and Fl.resolve(Fl.Config(), 28)[0] == 2
+    levels = lambda cfg, size: Fl.model_args(cfg, 1, size)["flow"]["levels"]
+    assert levels(Fl.Config(levels=3), 32) == 3 and levels(Fl.Config(), 28) == 2
     with pytest.raises(SystemExit) as e:
-        Fl.resolve(Fl.Config(levels=3), 28)  # glow: 3 squeezes, 28 -> 14 -> 7 -> 3.5
+        levels(Fl.Config(levels=3), 28)  # glow: 3 squeezes, 28 -> 14 -> 7 -> 3.5
     err = capsys.readouterr().err.strip().splitlines()
     assert (
         e.value.code == 2 and len(err) == 1 and "image size 28 cannot be squeezed 3 times" in err[0]
     )
-    assert Fl.resolve(Fl.Config(arch="realnvp", levels=3), 28)[0] == 3  # realnvp: 2 squeezes
+    assert levels(Fl.Config(arch="realnvp", levels=3), 28) == 3  # realnvp: 2 squeezes
 
 
 def test_ddp_two_gloo_ranks_start_from_one_actnorm_init_and_stay_identical(fake_mnist, tmp_path):

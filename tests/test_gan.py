@@ -55,7 +55,8 @@ def test_d_step_leaves_G_alone_and_g_step_leaves_D_alone():
     G, D = gan.Generator(8, 1, 4, 16), gan.Discriminator(1, 4, 16)
     opt_g, opt_d = (torch.optim.Adam(m.parameters(), 1e-2) for m in (G, D))
     g0, d0 = snapshot(G), snapshot(D)
-    stats, fake = gan.d_step(G, D, opt_d, torch.rand(6, 1, 16, 16) * 2 - 1, torch.randn(6, 8))
+    fake = G(torch.randn(6, 8))
+    stats = gan.d_step(D, opt_d, torch.rand(6, 1, 16, 16) * 2 - 1, fake)
     assert same(G, g0) and all(p.grad is None for p in G.parameters())  # detached fakes
     assert not same(D, d0) and 0 <= stats["d_acc"] <= 1
     d1, dgrad = snapshot(D), [p.grad.clone() for p in D.parameters()]
@@ -106,7 +107,8 @@ def test_learns_a_gaussian_and_d_accuracy_returns_to_chance():
     err0, accs = moment_error(), []
     for _ in range(3000):
         x = torch.randn(256, 2) @ L.T + mu
-        stats, fake = gan.d_step(G, D, opt_d, x, torch.randn(256, 2))
+        fake = G(torch.randn(256, 2))
+        stats = gan.d_step(D, opt_d, x, fake)
         gan.g_step(D, opt_g, fake)
         accs.append(stats["d_acc"].item())
     err = moment_error()
@@ -152,7 +154,7 @@ def test_cli_bad_input(fake_mnist, tmp_path):
     out = tmp_path / "run"
     cli = lambda *a: run("gan.py", "--out", out, *a, check=False)
     data = ["--data-dir", fake_mnist]
-    assert_one_line_error(cli("--tiny", "--data-dir", tmp_path / "none", "--no-download"), "cannot load mnist")  # fmt: skip
+    assert_one_line_error(cli("--tiny", "--data-dir", tmp_path / "none", "--no-download"), "mnist not found in")  # fmt: skip
     assert_one_line_error(cli("--sample", 4), "no checkpoint")
     assert_one_line_error(cli("--loss", "wgan"), "--loss")
     assert_one_line_error(cli("--ema", "1.5"), "--ema")

@@ -161,7 +161,7 @@ def test_cli_bad_input(fake_mnist, tmp_path):
     cli = lambda *a: run("vqvae.py", "--out", out, *a, check=False)
     data = ["--data-dir", fake_mnist]
     assert_one_line_error(
-        cli("--tiny", "--data-dir", tmp_path / "none", "--no-download"), "cannot load mnist"
+        cli("--tiny", "--data-dir", tmp_path / "none", "--no-download"), "mnist not found in"
     )
     assert_one_line_error(cli("--sample", 4), "no checkpoint")
     assert_one_line_error(cli("--stage", "pixelcnn"), "--stage")
