@@ -336,14 +336,14 @@ def bench_gan(args, device, autocast):
     G, D = nets(gan.Generator, gan.Discriminator, dcgan_args)
     rate = gan_rate(G, D, lambda *m: dcgan(*m, freeze=False), args, device)
     rows.append({"model": "gan.py DCGAN, D not frozen in G step", "train_img_s": rate})
-    G, D = nets(P.ConditionalGenerator, P.ProjectionDiscriminator, P.cgan_args(cfg, C, S, 10))
+    p2p_cfg = P.Config(tiny=args.tiny)
+    G, D = nets(P.ConditionalGenerator, P.ProjectionDiscriminator, P.cgan_args(p2p_cfg, C, S, 10))
     yz = torch.arange(len(z), device=device) % 10
     rate = gan_rate(G, D, cgan, args, device)
     t = timed(lambda: P.generate(G, z, yz), device, args.iters)
     rows.append(
         {"model": "cgan_pix2pix.py cGAN", "train_img_s": rate, "sample_img_s": round(len(z) / t, 1)}
     )
-    p2p_cfg = P.Config(tiny=args.tiny)
     G, D = nets(P.UNetGenerator, P.PatchDiscriminator, P.pix2pix_args(p2p_cfg, C, C, S2))
     rate = gan_rate(G, D, pix2pix, args, device)
     t = timed(lambda: P.translate(G, a), device, args.iters)

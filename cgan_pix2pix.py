@@ -447,7 +447,7 @@ def train_cgan(cfg: Config):
         # log
         loop.add(**stats)
         if common.due(done, cfg.log_every, cfg.steps, first=start + 1):
-            loop.log(done)
+            loop.log(done, lr=cfg.lr)
 
         # checkpoint (when due, and on Ctrl-C / SIGTERM, which also stops the loop)
         state = dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d, model_args=args, task="cgan")

@@ -216,7 +216,8 @@ def load_images(cfg, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
             "pass --data-dir DIR"
         )
     workers = min(4, os.cpu_count()) if len(ds) > 20000 else 0
-    xs, ys = zip(*torch.utils.data.DataLoader(ds, batch_size=500, num_workers=workers))
+    g = torch.Generator()  # its own seed draw: loading data never moves the global RNG
+    xs, ys = zip(*torch.utils.data.DataLoader(ds, 500, num_workers=workers, generator=g))
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -403,10 +404,12 @@ class Loop:
         self.sums, self.n, self.t0, self.step0, self.first = {}, 0, now, step, False
 
     def aside(self, fn, *args, **kwargs):
-        """Run a side job (a picture) off the img/s clock; a failure is one line, never fatal."""
+        """Run a side job (a picture) off the img/s clock and on forked random streams (so that a
+        resumed run draws what an uninterrupted one does); a failure is one line, never fatal."""
         t0 = time.time()
         try:
-            fn(*args, **kwargs)
+            with torch.random.fork_rng():
+                fn(*args, **kwargs)
         except Exception as e:
             print(f"warning: {fn.__name__} failed ({type(e).__name__}: {e})", file=sys.stderr)
         self.t0 += time.time() - t0

@@ -332,7 +332,7 @@ def train_vqvae(cfg: Config):
     data = common.Batches(x, y, cfg.batch_size, cfg.seed, device, flip=flip)
     start = 0
     if cfg.resume:
-        ck = common.resume(cfg, data, need=("model", "opt"))
+        ck = common.resume(cfg, data, need=("model",))
         if ck.get("stage") == "prior":
             common.die(
                 f"{cfg.out}/ckpt.pt already holds a prior trained on this VQ-VAE; train "

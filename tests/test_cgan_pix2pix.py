@@ -203,15 +203,15 @@ def test_cli_cgan(fake_mnist, tmp_path):
     assert (z["arr_1"] == np.arange(30) % 10).all()
     from PIL import Image
 
-    w, h = Image.open(a / "samples.png").size  # one row per class: 30 samples, 3 per row
-    assert (w, h) == (2 + 3 * 30, 2 + 10 * 30)
+    w, h = Image.open(a / "samples.png").size  # one column per class: 30 samples, 3 rows
+    assert (w, h) == (2 + 10 * 30, 2 + 3 * 30)
 
 
 def test_cli_pix2pix_mnist_edges(fake_mnist, tmp_path):
     a, la = resume_is_exact(["--task", "pix2pix"], ["--data-dir", fake_mnist], tmp_path)
     assert la[3]["lr"] == 2e-4 and la[4]["lr"] == pytest.approx(1e-4) and la[4]["l1"] > 0
     p = run("cgan_pix2pix.py", "--out", a, "--sample", 20, "--data-dir", fake_mnist)
-    r = json.loads(p.stdout.splitlines()[-1])
+    r = json.loads(p.stdout.splitlines()[-2])
     assert r["n"] == 20 and 0 < r["l1"] < 1 and r["psnr"] > 0
     z = np.load(a / "samples.npz")
     assert z["arr_0"].shape == (20, 28, 28, 1) and len(z["arr_1"]) == 20  # labels of the sources
@@ -225,7 +225,7 @@ def test_cli_pix2pix_aligned_folders(tmp_path):
     run("cgan_pix2pix.py", "--task", "pix2pix", "--dataset", "aligned", *data, "--image-size", 32, "--tiny",
         "--batch-size", 2, "--steps", 2, "--direction", "BtoA", "--out", out)  # fmt: skip
     p = run("cgan_pix2pix.py", "--out", out, "--sample", 5, *data)
-    assert json.loads(p.stdout.splitlines()[-1])["n"] == 2  # the whole val split
+    assert json.loads(p.stdout.splitlines()[-2])["n"] == 2  # the whole val split
     z = np.load(out / "samples.npz")
     assert z["arr_0"].shape == (2, 32, 32, 3) and "arr_1" not in z
 
