@@ -48,8 +48,8 @@ class Config(common.Config):
     steps: int = 10000
     batch_size: int = 64  # pix2pix paper: 1 (facades) to 10; 64 suits 32x32 digits
     lr: float = 2e-4  # Adam, both nets (DCGAN; pix2pix Sec. 3.3)
-    beta1: float = 0.5
-    beta2: float = 0.999
+    beta1: float = 0.5  # Adam (DCGAN: 0.9 oscillates)
+    beta2: float = 0.999  # Adam's second-moment decay
     z_dim: int = 100  # cgan
     emb_dim: int = 50  # cgan: label embedding concatenated with z
     ngf: int = 64  # G's base width; --tiny: 16

@@ -42,7 +42,7 @@ class Config:
     lr: float = 2e-4  # peak learning rate
     seed: int = 0  # seeds weights, data order and noise (each DDP rank adds its rank)
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
-    threads: int = 0  # torch CPU threads; 0: OMP_NUM_THREADS if set, else half the CPUs
+    threads: int = 0  # torch CPU threads; 0: OMP_NUM_THREADS if set, else one per idle core
     compile: bool = False  # torch.compile the training model
     amp: bool = True  # bf16 autocast on CUDA (ignored elsewhere)
     tiny: bool = False  # a small model for CPU runs and tests
@@ -63,8 +63,10 @@ def field_help(cls) -> dict:
         notes = {i: s for i, s in notes.items() if not s.startswith("fmt:")}
         for node in ast.parse(src).body[0].body:
             if isinstance(node, ast.AnnAssign):
-                lines = range(node.lineno, node.end_lineno + 1)
-                helps[node.target.id] = " ".join(notes[i] for i in lines if i in notes)
+                text = " ".join(
+                    notes[i] for i in range(node.lineno, node.end_lineno + 1) if i in notes
+                )
+                helps[node.target.id] = text or helps.get(node.target.id, "")  # or the base's
     return helps
 
 
@@ -124,8 +126,9 @@ def setup(cfg):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.threads or "OMP_NUM_THREADS" not in os.environ:  # README: "Threads" (measured)
-        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2) // 2))
+    if cfg.threads or "OMP_NUM_THREADS" not in os.environ:  # README, "Threads": measured
+        busy = round(getattr(os, "getloadavg", lambda: (0.0,))()[0])  # cores other jobs use
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) - busy))
     signal.signal(signal.SIGINT, interrupted)  # a training loop's Stopper replaces it
     seed = cfg.seed + rank()  # every rank draws its own noise
     random.seed(seed)

@@ -40,7 +40,7 @@ class Config(common.Config):
     # model (Ho et al. CIFAR-10: ch 128, 2 blocks per level, dropout 0.1, attention at 16x16)
     ch: int = 128  # base channels; --tiny: 24
     num_res_blocks: int = 2  # per level; --tiny: 1
-    dropout: float = 0.1
+    dropout: float = 0.1  # in every ResBlock (CIFAR-10: 0.1)
     channels_last: bool = True  # NHWC memory format (measured: +6% training img/s on CPU)
     # diffusion
     T: int = 1000  # diffusion steps
@@ -48,8 +48,8 @@ class Config(common.Config):
     var: str = "large"  # reverse variance: large (sigma^2 = beta) | small (beta-tilde, Eq. 7)
     # optimisation (Adam 2e-4 from common, warmup, clip 1.0, EMA 0.9999)
     warmup: int = 5000  # linear LR warmup steps, capped at 5% of --steps for short runs
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
+    grad_clip: float = 1.0  # max gradient norm
+    ema_decay: float = 0.9999  # EMA of the weights; samples come from it
     # sampling and evaluation
     sampler: str = "ddim"  # ddim | ddpm
     sample_steps: int = 50  # DDIM steps K (DDPM always takes T)

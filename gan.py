@@ -40,8 +40,8 @@ class Config(common.Config):
     batch_size: int = 128  # DCGAN Sec. 4
     lr: float = 2e-4  # Adam, both nets (DCGAN Sec. 4)
     beta1: float = 0.5  # DCGAN: 0.9 "resulted in training oscillation and instability"
-    beta2: float = 0.999
-    z_dim: int = 100
+    beta2: float = 0.999  # Adam's second-moment decay
+    z_dim: int = 100  # dimension of the noise z ~ N(0, I)
     ngf: int = 64  # G's width at its last stage, doubled toward the input; --tiny: 16
     ndf: int = 64  # D's width at its first stage, doubled with depth; --tiny: 16
     loss: str = "ns"  # ns (non-saturating, Sec. 3) | minimax (Eq. 1) | hinge

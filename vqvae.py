@@ -48,13 +48,13 @@ class Config(common.Config):
     code_dim: int = 64  # D
     beta: float = 0.25  # commitment weight (Eq. 3)
     ema: bool = False  # codebook by exponential moving averages (App. A.1), not by its loss
-    ema_decay: float = 0.99
+    ema_decay: float = 0.99  # gamma of the EMA codebook (App. A.1)
     dead_threshold: float = 1.0  # restart codes used less than this often per batch (EMA); 0: off
     # stage 2: a causal transformer over the raster-ordered code grid
     prior_dim: int = 256  # --tiny: 64
     prior_layers: int = 6  # --tiny: 2
     prior_heads: int = 8  # --tiny: 4
-    prior_dropout: float = 0.1
+    prior_dropout: float = 0.1  # in attention and MLP
     temperature: float = 1.0  # sampling temperature of the prior
     eval: bool = False  # no training: test MSE, PSNR, codebook usage (and the prior's test NLL)
 

@@ -194,6 +194,7 @@ def resume_is_exact(task_args, data, tmp_path):
     return a, la
 
 
+@pytest.mark.slow
 def test_cli_cgan(fake_mnist, tmp_path):
     a, la = resume_is_exact([], ["--data-dir", fake_mnist], tmp_path)
     assert "l1" not in la[4] and la[4]["lr"] == 2e-4
@@ -207,6 +208,7 @@ def test_cli_cgan(fake_mnist, tmp_path):
     assert (w, h) == (2 + 10 * 30, 2 + 3 * 30)
 
 
+@pytest.mark.slow
 def test_cli_pix2pix_mnist_edges(fake_mnist, tmp_path):
     a, la = resume_is_exact(["--task", "pix2pix"], ["--data-dir", fake_mnist], tmp_path)
     assert la[3]["lr"] == 2e-4 and la[4]["lr"] == pytest.approx(1e-4) and la[4]["l1"] > 0
@@ -230,6 +232,7 @@ def test_cli_pix2pix_aligned_folders(tmp_path):
     assert z["arr_0"].shape == (2, 32, 32, 3) and "arr_1" not in z
 
 
+@pytest.mark.slow
 def test_cli_bad_input(fake_mnist, tmp_path):
     out = tmp_path / "run"
     cli = lambda *a: run("cgan_pix2pix.py", "--out", out, *a, check=False)
@@ -251,6 +254,7 @@ def test_cli_bad_input(fake_mnist, tmp_path):
     assert_one_line_error(cli("--sample", 4), "corrupted")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_pix2pix_learns_on_real_digits(tmp_path):
     """60 --tiny steps (lr 1e-3) on real edge maps: the L1 to the target digits halves."""

@@ -164,6 +164,74 @@ def test_discretized_gaussian_is_a_distribution_over_256_bins():
         assert lp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
 
 
+def log_bin_reference(z: float, h: float) -> float:
+    """log of the N(0, 1) mass on [z - h, z + h], by the trapezoid rule in float64 and in log
+    space: independent of erf, log_ndtr and any cancellation."""
+    u = torch.linspace(z - h, z + h, 20001, dtype=torch.float64)
+    w = torch.full_like(u, 2 * h / 20000)
+    w[[0, -1]] /= 2
+    return torch.logsumexp(-0.5 * u**2 - 0.5 * math.log(2 * math.pi) + w.log(), 0).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("z", [-9, -6, 0, 6, 9])
+def test_discretized_gaussian_bin_mass_is_exact_in_the_tails(z, dtype):
+    """A pixel z standard deviations from the mean: the true log-mass (9 sd: -38.9 nats), where
+    ndtr(hi) - ndtr(lo) cancels to 0 in float32 at 6 sd and in float64 at 9 sd."""
+    sigma = 0.125  # a power of two: mean = x - z sigma is exact in float32
+    x = torch.zeros(1, dtype=dtype)
+    got = D.discretized_gaussian_loglik(x, x - z * sigma, torch.full_like(x, 2 * math.log(sigma)))
+    want = log_bin_reference(z, (1 / 255) / sigma)
+    assert got.item() == pytest.approx(want, abs=1e-4), (got.item(), want)
+
+
+def ddim_step_reference(s64, eps, xt, t, t_prev, eta, noise):
+    """Song et al. Eq. 12 as written, in float64, x0_hat clipped to [-1, 1] and eps re-derived."""
+    ab, abp = s64["alpha_bar"][t], s64["alpha_bar"][t_prev] if t_prev >= 0 else torch.tensor(1.0)
+    x0 = ((xt - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)
+    eps = (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+    sigma = eta * ((1 - abp) / (1 - ab) * (1 - ab / abp)).sqrt()
+    return abp.sqrt() * x0 + (1 - abp - sigma**2).sqrt() * eps + sigma * noise
+
+
+@pytest.mark.parametrize("t,t_prev", [(999, 888), (888, 777), (111, 0), (1, 0), (0, -1)])
+def test_ddim_step_in_float32_matches_float64_at_both_ends_of_the_cosine_schedule(t, t_prev):
+    """sqrt(1 - alpha_bar_prev - sigma^2) at eta = 1 cancels in float32 (t = 999: 2.44e-4 for
+    2.78e-4); the step must not."""
+    s32, s64 = (D.make_schedule(1000, "cosine", dtype=d) for d in (torch.float32, torch.float64))
+    g = torch.Generator().manual_seed(0)
+    xt, eps, noise = (torch.randn(2000, generator=g, dtype=torch.float64) for _ in range(3))
+    want = ddim_step_reference(s64, eps, xt, t, t_prev, 1.0, noise)
+    got = D.ddim_step(s32, eps.float(), xt.float(), t, t_prev, 1.0, noise=noise.float())
+    err = ((got.double() - want).abs() / want.abs().clamp(min=1)).max().item()
+    assert err < 2e-6, err
+
+
+def test_ddim_trajectory_in_float32_follows_float64():
+    """K = 10, eta = 1 on the cosine schedule: float32 ends where float64 ends."""
+    s32, s64 = (D.make_schedule(1000, "cosine", dtype=d) for d in (torch.float32, torch.float64))
+    eps_model = lambda x, t: 0.9 * x + 0.1 * torch.sin(3 * x)
+    x_T = torch.randn(2000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    run = lambda s, x: D.ddim_sample(
+        eps_model, s, x, 10, 1.0, generator=torch.Generator().manual_seed(2)
+    )
+    x64, x32 = run(s64, x_T), run(s32, x_T.float())
+    assert ((x32.double() - x64).norm() / x64.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("K,first", [(1, [999]), (2, [999, 0]), (3, [999, 500, 0])])
+def test_ddim_starts_at_T_minus_1_for_every_K(K, first):
+    """--sample-steps 1 once ran its one step from t = 0, returning the noise / sqrt(ab_0)."""
+    seen = []
+
+    def eps_model(x, t):
+        seen.append(t[0].item())
+        return torch.zeros_like(x)
+
+    D.ddim_sample(eps_model, D.make_schedule(1000), torch.randn(2, 1, 4, 4), steps=K)
+    assert seen == first
+
+
 def test_normal_kl_closed_form():
     p = torch.distributions.Normal(torch.tensor(0.3), torch.tensor(0.5))
     q = torch.distributions.Normal(torch.tensor(-0.2), torch.tensor(1.3))
@@ -234,6 +302,7 @@ def losses(out):
     return {r["step"]: r["loss"] for r in map(json.loads, open(out / "log.jsonl"))}
 
 
+@pytest.mark.slow
 def test_cli_train_resume_exact_and_sample(fake_mnist, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     base = [*TINY, "--data-dir", fake_mnist, "--T", 100]  # T = 100 keeps --nll and DDPM quick
@@ -294,6 +363,7 @@ def test_cli_folder_dataset_from_pngs(tmp_path):
     assert (unet["in_ch"], unet["image_size"]) == (3, 32)
 
 
+@pytest.mark.slow
 def test_cli_bad_input(fake_mnist, tmp_path):
     out, empty = tmp_path / "run", tmp_path / "empty"
     empty.mkdir()
@@ -349,6 +419,7 @@ def test_sigterm_saves_at_a_step_boundary_and_exits_zero(fake_mnist, tmp_path):
     assert 3 <= ck["step"] <= last_logged + 1 and ck["step"] < 100000
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_ranks_stay_identical(fake_mnist, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -373,6 +444,7 @@ def test_ddp_two_gloo_ranks_stay_identical(fake_mnist, tmp_path):
     assert len(ck["rng"]) == 2 and ck["rng"][0]["torch"] != ck["rng"][1]["torch"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_learns_on_real_digits(tmp_path):
     """A few hundred --tiny steps on real MNIST bring L_simple far below its starting value."""

@@ -83,6 +83,7 @@ def test_malformed_samples_are_one_line_errors(tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_real_digits_floor_and_a_collapsed_set(tmp_path):
     cache = ["--cache-dir", tmp_path / "cache", "--dataset", "mnist", "--data-dir", SHARED_DATA]

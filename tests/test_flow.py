@@ -139,6 +139,7 @@ def test_loglik_at_init_is_the_analytic_gaussian():
     assert not torch.allclose(lp + ld, std.log_prob(x).flatten(1).sum(1), atol=1e-3)  # not N(0, I)
 
 
+@pytest.mark.slow
 def test_short_fit_reaches_the_true_nll_of_a_gaussian():
     """Data from a correlated 16-dim Gaussian (1x4x4 images): its entropy, 0.5 log det(2 pi e
     Sigma), is the best NLL any model can reach. A small Glow gets within 0.05 nats/dim of it."""
@@ -211,6 +212,7 @@ def logs(d):
     return {r["step"]: r for r in map(json.loads, (d / "log.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.slow
 def test_cli_train_resume_exact_sample_and_nll(fake_mnist, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run("flow.py", *TINY, "--data-dir", fake_mnist, "--out", a, "--steps", 4)
@@ -235,6 +237,7 @@ def test_cli_train_resume_exact_sample_and_nll(fake_mnist, tmp_path):
     assert all(math.isfinite(r["bpd"]) for r in logs(out).values())
 
 
+@pytest.mark.slow
 def test_cli_bad_input(fake_mnist, tmp_path):
     out = tmp_path / "run"
     cli = lambda *a: run("flow.py", "--out", out, *a, check=False)
@@ -271,6 +274,7 @@ def test_levels_the_size_cannot_take_are_a_one_line_error(capsys):
     assert levels(Fl.Config(arch="realnvp", levels=3), 28) == 3  # realnvp: 2 squeezes
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_ranks_start_from_one_actnorm_init_and_stay_identical(fake_mnist, tmp_path):
     """Each rank runs ActNorm's data-dependent init on its own batch; DDP's broadcast must leave
     every rank with rank 0's, and the replicas identical after training steps."""
@@ -283,6 +287,7 @@ def test_ddp_two_gloo_ranks_start_from_one_actnorm_init_and_stay_identical(fake_
     assert all(torch.equal(w0[k], w1[k]) for k in w0), [k for k in w0 if not torch.equal(w0[k], w1[k])]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_learns_on_real_digits(tmp_path):
     """150 --tiny steps on real MNIST take bits/dim far below its value after 25 steps."""

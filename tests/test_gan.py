@@ -90,6 +90,7 @@ def test_unsupported_sizes():
     assert gan.stages(30) is None and gan.stages(8) is None and gan.stages(100) is None
 
 
+@pytest.mark.slow
 def test_learns_a_gaussian_and_d_accuracy_returns_to_chance():
     """G(z) = A z + b against N(mu, Sigma) in 2-D: the moments match, and D, which first tells
     the two apart easily, ends near chance."""
@@ -125,6 +126,7 @@ def logs(out):
     return {r["step"]: r for r in map(json.loads, open(out / "log.jsonl"))}
 
 
+@pytest.mark.slow
 def test_cli_train_resume_exact_and_sample(fake_mnist, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run("gan.py", *TINY, "--data-dir", fake_mnist, "--out", a, "--steps", 4)
@@ -150,6 +152,7 @@ def test_cli_train_resume_exact_and_sample(fake_mnist, tmp_path):
     run("gan.py", "--out", e, "--sample", 4)
 
 
+@pytest.mark.slow
 def test_cli_bad_input(fake_mnist, tmp_path):
     out = tmp_path / "run"
     cli = lambda *a: run("gan.py", "--out", out, *a, check=False)
@@ -169,6 +172,7 @@ def test_cli_bad_input(fake_mnist, tmp_path):
     assert_one_line_error(cli("--sample", 4), "corrupted")
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_ranks_keep_G_and_D_identical(fake_mnist, tmp_path):
     """Two D forwards (real, fake) before one backward, and a G step through a frozen D, under
     DDP: both ranks end with the same G and D weights (BatchNorm's running statistics are each

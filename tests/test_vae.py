@@ -99,6 +99,7 @@ def logs(out):
     return {r["step"]: r for r in map(json.loads, open(out / "log.jsonl"))}
 
 
+@pytest.mark.slow
 def test_cli_train_resume_exact_sample_and_nll(fake_mnist, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run("vae.py", *TINY, "--data-dir", fake_mnist, "--out", a, "--steps", 4)
@@ -149,6 +150,7 @@ def test_cli_train_resume_exact_sample_and_nll(fake_mnist, tmp_path):
     assert all(r["kl"] == 0 for r in logs(tmp_path / "ae").values())
 
 
+@pytest.mark.slow
 def test_cli_bad_input(fake_mnist, tmp_path):
     out = tmp_path / "run"
     cli = lambda *a: run("vae.py", "--out", out, *a, check=False)
@@ -168,6 +170,7 @@ def test_cli_bad_input(fake_mnist, tmp_path):
     assert_one_line_error(cli("--sample", 4), "corrupted")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_learns_on_real_digits(tmp_path):
     """150 --tiny steps on real MNIST bring the negative ELBO far below its starting value."""
@@ -177,9 +180,26 @@ def test_learns_on_real_digits(tmp_path):
     assert ls[25] > 250 and ls[150] < 0.6 * ls[25], ls
 
 
+@pytest.mark.slow
 def test_compile_trains_and_checkpoints_without_prefix(fake_mnist, tmp_path):
     """--compile (common.wrap, shared by every script) runs the compiled module; the checkpoint
     holds the raw module's names. On the VAE: the smallest graph, the cheapest cold compile."""
     run("vae.py", *TINY, "--sample-every", 0, "--data-dir", fake_mnist, "--out", tmp_path, "--steps", 2, "--compile", timeout=600)  # fmt: skip
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ck["step"] == 2 and not any("_orig_mod" in k for k in ck["model"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("z", [-9, -6, 0, 6, 9])
+def test_discretized_gaussian_bin_mass_is_exact_in_the_tails(z, dtype):
+    """A pixel z standard deviations from the decoder's mean scores its true log-mass; the old
+    ndtr(hi) - ndtr(lo) gave log(1e-12) = -27.6 at 9 sd in float32, with no gradient."""
+    from test_ddpm_ddim import log_bin_reference
+
+    sigma = 0.125  # a power of two: mean = x - z sigma is exact in float32
+    x = torch.full((1,), 0.5, dtype=dtype)
+    log_scale = torch.full_like(x, math.log(sigma), requires_grad=True)
+    got = V.discretized_gaussian_loglik(x, x - z * sigma, log_scale)
+    assert got.item() == pytest.approx(log_bin_reference(z, (0.5 / 255) / sigma), abs=1e-4)
+    got.sum().backward()
+    assert log_scale.grad.abs().item() > 0 and log_scale.grad.isfinite().all()

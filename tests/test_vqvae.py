@@ -118,6 +118,7 @@ def logs(out):
     return {r["step"]: r for r in map(json.loads, open(out / "log.jsonl"))}
 
 
+@pytest.mark.slow
 def test_cli_two_stages_resume_exact_sample_and_eval(fake_mnist, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     data = ["--data-dir", fake_mnist]
@@ -156,6 +157,7 @@ def test_cli_two_stages_resume_exact_sample_and_eval(fake_mnist, tmp_path):
     assert_one_line_error(run("vqvae.py", *TINY, *data, "--out", a, "--steps", 5, "--resume", check=False), "already holds a prior")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_bad_input(fake_mnist, tmp_path):
     out = tmp_path / "run"
     cli = lambda *a: run("vqvae.py", "--out", out, *a, check=False)
@@ -179,6 +181,7 @@ def test_cli_bad_input(fake_mnist, tmp_path):
     assert_one_line_error(cli("--eval", *data), "corrupted")
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_ranks_keep_one_codebook(fake_mnist, tmp_path):
     """EMA statistics and dead-code restarts are summed/broadcast over ranks: replicas agree."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -192,6 +195,7 @@ def test_ddp_two_gloo_ranks_keep_one_codebook(fake_mnist, tmp_path):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_learns_on_real_digits(tmp_path):
     """A short --tiny stage 1 on real MNIST: the reconstruction error falls well below its start."""

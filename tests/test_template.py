@@ -1,0 +1,166 @@
+"""What every script promises alike: help for every flag, checkpoints that the network's class
+alone can load, folders as users have them, pictures that never cost a run, errors that say what
+to do, and Ctrl-C as one line."""
+
+import dataclasses
+import importlib
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, assert_one_line_error, run
+
+import common
+
+MODELS = ["ddpm_ddim", "gan", "cgan_pix2pix", "vae", "vqvae", "flow"]
+
+
+@pytest.mark.parametrize("script", MODELS + ["evaluate", "bench"])
+def test_help_exits_0_and_every_flag_has_help(script):
+    p = run(f"{script}.py", "-h")
+    assert p.returncode == 0 and "Traceback" not in p.stderr
+    if script in MODELS:  # every Config field, through the same parser the script builds
+        cls = importlib.import_module(script).Config
+        helps = common.field_help(cls)
+        for f in dataclasses.fields(cls):
+            assert helps.get(f.name), f"{script}.py --{f.name} has no help"
+            assert f"--{f.name.replace('_', '-')}" in p.stdout
+
+
+def test_field_help_survives_a_wrapped_line(tmp_path, monkeypatch):
+    src = "class C:\n    depth: int = (\n        0  # K steps per level\n    )\n    seed: int = 0\n"
+    (tmp_path / "wrapped_cfg.py").write_text(src)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    helps = common.field_help(importlib.import_module("wrapped_cfg").C)
+    assert helps == {"depth": "K steps per level", "seed": ""}
+
+
+def flat_folder(root, n=5, size=32):
+    """A flat folder of n RGB PNGs of one size: the layout most users have."""
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(img).save(root / f"img_{i}.png")
+    return root
+
+
+# script, extra flags, (the class that rebuilds the network, model_args key, state key)
+REBUILD = {
+    "ddpm_ddim": (["--T", 50], ("UNet", "unet", "ema")),
+    "gan": ([], ("Generator", "G", "G")),
+    "cgan_pix2pix": ([], ("ConditionalGenerator", "G", "G")),
+    "vae": ([], ("VAE", "vae", "model")),
+    "vqvae": ([], ("VQVAE", "vqvae", "model")),
+    "flow": (["--init-batch", 5], ("Flow", "flow", "model")),
+}
+
+
+@pytest.mark.parametrize("script", MODELS)
+def test_five_image_flat_folder_checkpoint_pictures_and_rebuild(script, tmp_path):
+    """5 images, --batch-size 4: training ends with a checkpoint and its pictures (the pictures
+    come after the checkpoint); the folder's own 32 px size is kept; the network rebuilds from
+    the checkpoint's model_args with its class alone and matches what --sample loads."""
+    folder = flat_folder(tmp_path / "imgs")
+    out, (extra, (cls, key, state)) = tmp_path / "run", REBUILD[script]
+    flags = ["--tiny", "--batch-size", 4, "--steps", 2, "--sample-every", 2, "--log-every", 100]
+    p = run(f"{script}.py", *flags, *extra, "--dataset", f"folder:{folder}", "--out", out)
+    assert "warning" not in p.stderr, p.stderr
+    log = [line for line in p.stdout.splitlines() if line.startswith("step ")]
+    assert log[0].startswith("step 1/2"), p.stdout  # the first step is logged, not the 100th
+    pictures = sorted(f.name for f in out.glob("*.png"))
+    assert (out / "ckpt.pt").exists() and any("000002" in f for f in pictures), pictures
+
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    mod = importlib.import_module(script)
+    net = getattr(mod, cls)(**ck["model_args"][key])  # the class alone
+    net.load_state_dict(ck[state])
+    net.eval()
+    cfg = mod.Config(out=str(out), device="cpu")
+    if script == "vqvae":
+        loaded = mod.load_stage1(cfg, torch.device("cpu"))[0]
+    else:
+        loaded = mod.load_trained(cfg)[0]
+    loaded.eval()
+    torch.manual_seed(0)
+    if script in ("gan", "cgan_pix2pix"):
+        z = torch.randn(3, ck["model_args"]["G"]["z_dim"])
+        args = (z, torch.zeros(3, dtype=torch.long)) if script == "cgan_pix2pix" else (z,)
+    elif script == "ddpm_ddim":
+        args = (torch.randn(3, 3, 32, 32), torch.tensor([0, 10, 49]))
+    elif script == "vae":
+        args = (torch.rand(3, 3, 32, 32), True)
+    else:
+        args = (torch.rand(3, 3, 32, 32) - 0.5,)
+    assert ck["model_args"][key].get("size", ck["model_args"][key].get("image_size", 32)) == 32
+    with torch.no_grad():
+        a, b = net(*args), loaded(*args)
+    a, b = (x[0] if isinstance(x, (tuple, list)) else x for x in (a, b))
+    a, b = (x[0] if isinstance(x, (tuple, list)) else x for x in (a, b))
+    assert torch.equal(a, b)
+
+
+def test_offline_download_error_says_what_to_do_and_leaves_no_folders(tmp_path):
+    """No network (a dead proxy makes it certain): the cause and the fix, in one line."""
+    env = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    root = tmp_path / "data"
+    p = run("gan.py", "--tiny", "--data-dir", root, "--out", tmp_path, check=False, env=env)
+    assert_one_line_error(p, "mnist not found in", "cannot be downloaded", "--data-dir DIR")
+    assert str(root / "MNIST" / "raw") in p.stderr
+    assert not root.exists()  # no empty data/MNIST/raw left behind
+
+
+def test_folder_errors_name_the_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    p = run("vae.py", "--dataset", f"folder:{tmp_path / 'empty'}", "--out", tmp_path, check=False)
+    assert_one_line_error(p, f"no images in {tmp_path / 'empty'}")
+    p = run("vae.py", "--dataset", f"folder:{tmp_path / 'none'}", "--out", tmp_path, check=False)
+    assert_one_line_error(p, f"folder:{tmp_path / 'none'}: no such folder")
+
+
+def test_folder_keeps_its_own_size_and_flat_is_one_class(tmp_path):
+    x, y = common.load_images(common.Config(dataset=f"folder:{flat_folder(tmp_path / 'f', 3, 24)}"))
+    assert x.shape == (3, 3, 24, 24) and x.dtype == torch.uint8 and (y == 0).all()
+
+
+def wait_for(p, prefix):
+    for line in p.stdout:
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"no line starting with {prefix!r}")
+
+
+@pytest.mark.parametrize("cmd", ["sample", "evaluate"])
+def test_ctrl_c_outside_training_is_one_line(cmd, fake_mnist, tmp_path):
+    """Ctrl-C in --sample and in evaluate.py: exit 130 with one line, no traceback."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    if cmd == "sample":
+        run("ddpm_ddim.py", "--tiny", "--steps", 1, "--batch-size", 8, "--sample-every", 0,
+            "--data-dir", fake_mnist, "--out", tmp_path)  # fmt: skip
+        args = ["ddpm_ddim.py", "--sample", 10000, "--batch-size", 2, "--out", tmp_path]
+        first = "sampled"
+    else:
+        np.savez(tmp_path / "s.npz", np.zeros((4, 28, 28, 1), np.uint8))
+        args = ["evaluate.py", tmp_path / "s.npz", "--data-dir", fake_mnist]
+        first = "  epoch"
+    p = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    wait_for(p, first)
+    p.send_signal(signal.SIGINT)
+    rest = p.communicate(timeout=60)[0]
+    assert p.returncode == 130 and "Traceback" not in rest, rest
+    assert rest.strip().splitlines()[-1] == "error: interrupted"
+
+
+def test_sampling_reads_the_runs_data_dir(fake_mnist, tmp_path):
+    """pix2pix --sample (and every --nll/--eval) finds the data where training found it."""
+    run("cgan_pix2pix.py", "--task", "pix2pix", "--tiny", "--steps", 1, "--batch-size", 8,
+        "--sample-every", 0, "--data-dir", fake_mnist, "--out", tmp_path)  # fmt: skip
+    p = run("cgan_pix2pix.py", "--out", tmp_path, "--sample", 4, "--no-download")
+    assert p.stdout.strip().splitlines()[-1].startswith(f"wrote 4 translations to {tmp_path}")
