@@ -42,7 +42,7 @@ class Config:
     lr: float = 2e-4  # peak learning rate
     seed: int = 0  # seeds weights, data order and noise (each DDP rank adds its rank)
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
-    threads: int = 0  # torch CPU threads; 0: OMP_NUM_THREADS if set, else one per idle core
+    threads: int = 0  # torch CPU threads; 0: OMP_NUM_THREADS if set, else one per idle CPU
     compile: bool = False  # torch.compile the training model
     amp: bool = True  # bf16 autocast on CUDA (ignored elsewhere)
     tiny: bool = False  # a small model for CPU runs and tests
@@ -113,6 +113,19 @@ def interrupted(signum, frame):
     die("interrupted", code=130)  # Ctrl-C outside a training loop: one line, no traceback
 
 
+def idle_cpus() -> int:
+    """CPUs that no other process used over the last 0.2 s (Linux's /proc/stat), at least 1."""
+    ticks = lambda: [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    try:
+        a = ticks()
+        time.sleep(0.2)
+        b = ticks()
+    except OSError:  # not Linux: all of them
+        return os.cpu_count() or 1
+    idle = (b[3] + b[4] - a[3] - a[4]) / max(1, sum(b) - sum(a))  # idle + iowait share
+    return max(1, round(idle * (os.cpu_count() or 1)))
+
+
 def setup(cfg):
     """Pick the device, join DDP under torchrun, seed per rank, TF32; return (device, autocast)."""
     avail = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
@@ -127,8 +140,7 @@ def setup(cfg):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.threads or "OMP_NUM_THREADS" not in os.environ:  # README, "Threads": measured
-        busy = round(getattr(os, "getloadavg", lambda: (0.0,))()[0])  # cores other jobs use
-        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) - busy))
+        torch.set_num_threads(cfg.threads or idle_cpus())
     signal.signal(signal.SIGINT, interrupted)  # a training loop's Stopper replaces it
     seed = cfg.seed + rank()  # every rank draws its own noise
     random.seed(seed)
