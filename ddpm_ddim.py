@@ -9,7 +9,7 @@ DDIM's non-Markovian one (Eq. 12, any K <= T steps; eta=0 deterministic, eta=1 i
 Left out on purpose: learned variances, v-prediction, classifier guidance (see cfg_ldm.py).
 
   python ddpm_ddim.py                               # MNIST, the paper's U-Net; one GPU
-  python ddpm_ddim.py --tiny --steps 3000           # a CPU-sized run: first grid in ~2 min
+  python ddpm_ddim.py --tiny --steps 2000 --batch-size 64 --lr 1e-3  # CPU: first grid in ~2 min
   python ddpm_ddim.py --dataset cifar10 --steps 800000
   python ddpm_ddim.py --sample 64 --sampler ddim --sample-steps 50
   python ddpm_ddim.py --nll 1000                    # test bits/dim (variational bound)

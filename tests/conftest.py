@@ -39,8 +39,14 @@ def fake_mnist(tmp_path):
 def run(script, *args, check=True, timeout=300, env=None):
     """Run a repository script as a user would; on failure show its output."""
     e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
-                       text=True, timeout=timeout, cwd=ROOT, env=e)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=e,
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {args} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p

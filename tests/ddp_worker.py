@@ -15,7 +15,12 @@ cfg = common.parse(mod.Config, mod.__name__)
 model = getattr(mod, "train_vqvae", getattr(mod, "train", None))(cfg)
 if isinstance(model, tuple):  # (model, ema), (G, D, ema), (G, D): every module's state, prefixed
     model = [m.module if isinstance(m, common.EMA) else m for m in model]
-    model = {f"{i}.{k}": v for i, m in enumerate(model) if isinstance(m, torch.nn.Module) for k, v in m.state_dict().items()}  # fmt: skip
+    model = {
+        f"{i}.{k}": v
+        for i, m in enumerate(model)
+        if isinstance(m, torch.nn.Module)
+        for k, v in m.state_dict().items()
+    }
 else:
     model = model.state_dict()
 torch.save(model, Path(cfg.out) / f"rank{common.rank()}.pt")

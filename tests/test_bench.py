@@ -7,8 +7,26 @@ from conftest import assert_one_line_error, run
 
 def test_bench_tiny_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    run("bench.py", "--tiny", "--image-size", 28, "--channels", 1, "--batch-size", 4, "--sample-batch", 2,
-        "--warmup", 1, "--iters", 1, "--device", "cpu", "--out", out)  # fmt: skip
+    run(
+        "bench.py",
+        "--tiny",
+        "--image-size",
+        28,
+        "--channels",
+        1,
+        "--batch-size",
+        4,
+        "--sample-batch",
+        2,
+        "--warmup",
+        1,
+        "--iters",
+        1,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    )
     r = json.load(open(out))
     row = r["rows"][0]
     assert row["model"] == "ddpm_ddim.UNet" and row["params_M"] == 0.63
@@ -18,8 +36,28 @@ def test_bench_tiny_smoke(tmp_path):
 
 def test_bench_autoencoders_gans_and_flows_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    run("bench.py", "--models", "vae,vqvae,gan,flow", "--tiny", "--image-size", 28, "--channels", 1, "--batch-size", 4,
-        "--sample-batch", 2, "--warmup", 1, "--iters", 1, "--device", "cpu", "--out", out)  # fmt: skip
+    run(
+        "bench.py",
+        "--models",
+        "vae,vqvae,gan,flow",
+        "--tiny",
+        "--image-size",
+        28,
+        "--channels",
+        1,
+        "--batch-size",
+        4,
+        "--sample-batch",
+        2,
+        "--warmup",
+        1,
+        "--iters",
+        1,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    )
     rows = {r["model"]: r for r in json.load(open(out))["rows"]}
     assert rows["vae.VAE"]["train_img_s"] > 0 and rows["vae.VAE"]["sample_img_s"] > 0
     assert rows["vqvae.VectorQuantizer ema"]["quantizer_fwd_bwd_img_s"] > 0

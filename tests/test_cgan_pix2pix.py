@@ -32,7 +32,12 @@ def test_conditional_generator_uses_the_label_and_has_dcgan_layers():
     z = torch.randn(4, 100)
     a, b = G(z, torch.zeros(4, dtype=torch.long)), G(z, torch.ones(4, dtype=torch.long))
     assert a.shape == (4, 1, 28, 28) and a.abs().max() <= 1 and not torch.allclose(a, b)
-    for m in [G, P.ProjectionDiscriminator(1, 8, 28), P.UNetGenerator(1, 1, 4, 32), P.PatchDiscriminator()]:  # fmt: skip
+    for m in [
+        G,
+        P.ProjectionDiscriminator(1, 8, 28),
+        P.UNetGenerator(1, 1, 4, 32),
+        P.PatchDiscriminator(),
+    ]:
         bns = [b for b in m.modules() if isinstance(b, nn.BatchNorm2d)]
         assert bns and all(b.eps == 1e-5 and b.momentum == 0.1 for b in bns)
         assert not any(isinstance(b, (nn.Sigmoid, nn.Softmax)) for b in m.modules())  # logits
@@ -61,7 +66,13 @@ def test_unet_skips_at_every_scale(size):
 
 
 def test_patchgan_receptive_field_and_output_shape():
-    assert {rf: P.receptive_field(P.PatchDiscriminator(2, 2, n)) for rf, n in P.PATCH.items()} == {16: 16, 34: 34, 70: 70, 142: 142, 286: 286}  # fmt: skip
+    assert {rf: P.receptive_field(P.PatchDiscriminator(2, 2, n)) for rf, n in P.PATCH.items()} == {
+        16: 16,
+        34: 34,
+        70: 70,
+        142: 142,
+        286: 286,
+    }
     torch.manual_seed(0)
     D = P.PatchDiscriminator(6, 2, 3).eval()  # the 256 configuration; eval: no batch coupling
     x = torch.randn(1, 3, 256, 256, requires_grad=True)
@@ -137,7 +148,10 @@ def test_cgan_steps_learn_a_conditional_gaussian_mixture():
     class Gen(nn.Module):
         def __init__(self):
             super().__init__()
-            self.e, self.net = nn.Embedding(3, 4), nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 2))  # fmt: skip
+            self.e, self.net = (
+                nn.Embedding(3, 4),
+                nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 2)),
+            )
 
         def forward(self, z, y):
             return self.net(torch.cat([z, self.e(y)], 1))
@@ -145,7 +159,11 @@ def test_cgan_steps_learn_a_conditional_gaussian_mixture():
     class Disc(nn.Module):  # a projection D on MLP features
         def __init__(self):
             super().__init__()
-            self.phi, self.psi, self.e = nn.Sequential(nn.Linear(2, 32), nn.LeakyReLU(0.2)), nn.Linear(32, 1), nn.Embedding(3, 32)  # fmt: skip
+            self.phi, self.psi, self.e = (
+                nn.Sequential(nn.Linear(2, 32), nn.LeakyReLU(0.2)),
+                nn.Linear(32, 1),
+                nn.Embedding(3, 32),
+            )
 
         def forward(self, x, y):
             h = self.phi(x)
@@ -187,9 +205,13 @@ def resume_is_exact(task_args, data, tmp_path):
     assert "from step 2" in p.stdout
     la, lb = logs(a), logs(b)
     for s in (3, 4):
-        assert {k: v for k, v in la[s].items() if k not in ("t", "img_s")} == {k: v for k, v in lb[s].items() if k not in ("t", "img_s")}  # fmt: skip
+        assert {k: v for k, v in la[s].items() if k not in ("t", "img_s")} == {
+            k: v for k, v in lb[s].items() if k not in ("t", "img_s")
+        }
     ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
-    assert ca["step"] == cb["step"] == 4 and all(torch.equal(ca["G"][k], cb["G"][k]) for k in ca["G"])  # fmt: skip
+    assert ca["step"] == cb["step"] == 4 and all(
+        torch.equal(ca["G"][k], cb["G"][k]) for k in ca["G"]
+    )
     assert (a / "samples_000002.png").exists()
     return a, la
 
@@ -224,8 +246,25 @@ def test_cli_pix2pix_aligned_folders(tmp_path):
     write_pairs(tmp_path / "facades" / "train", 4, 32)
     write_pairs(tmp_path / "facades" / "val", 2, 32, seed=1)
     out, data = tmp_path / "run", ["--data-dir", tmp_path / "facades"]
-    run("cgan_pix2pix.py", "--task", "pix2pix", "--dataset", "aligned", *data, "--image-size", 32, "--tiny",
-        "--batch-size", 2, "--steps", 2, "--direction", "BtoA", "--out", out)  # fmt: skip
+    run(
+        "cgan_pix2pix.py",
+        "--task",
+        "pix2pix",
+        "--dataset",
+        "aligned",
+        *data,
+        "--image-size",
+        32,
+        "--tiny",
+        "--batch-size",
+        2,
+        "--steps",
+        2,
+        "--direction",
+        "BtoA",
+        "--out",
+        out,
+    )
     p = run("cgan_pix2pix.py", "--out", out, "--sample", 5, *data)
     assert json.loads(p.stdout.splitlines()[-2])["n"] == 2  # the whole val split
     z = np.load(out / "samples.npz")
@@ -242,12 +281,19 @@ def test_cli_bad_input(fake_mnist, tmp_path):
     assert_one_line_error(cli("--dataset", "aligned"), "no class labels")
     assert_one_line_error(cli("--task", "pix2pix", "--direction", "up"), "--direction")
     assert_one_line_error(cli("--task", "pix2pix", "--patch", 50), "--patch")
-    assert_one_line_error(cli("--task", "pix2pix", "--dataset", "aligned", "--data-dir", tmp_path), "no images")  # fmt: skip
+    assert_one_line_error(
+        cli("--task", "pix2pix", "--dataset", "aligned", "--data-dir", tmp_path), "no images"
+    )
     assert_one_line_error(cli("--tiny", *data, "--image-size", 30), "image size 30")
-    assert_one_line_error(cli("--tiny", "--data-dir", tmp_path / "none", "--no-download"), "mnist not found in")  # fmt: skip
+    assert_one_line_error(
+        cli("--tiny", "--data-dir", tmp_path / "none", "--no-download"), "mnist not found in"
+    )
     assert_one_line_error(cli("--sample", 4), "no checkpoint")
     run("cgan_pix2pix.py", *TINY, *data, "--out", out, "--steps", 1)
-    assert_one_line_error(cli("--task", "pix2pix", "--tiny", *data, "--steps", 2, "--resume"), "not a cgan_pix2pix.py --task pix2pix")  # fmt: skip
+    assert_one_line_error(
+        cli("--task", "pix2pix", "--tiny", *data, "--steps", 2, "--resume"),
+        "not a cgan_pix2pix.py --task pix2pix",
+    )
     torch.save({"step": 1, "model": {}}, out / "ckpt.pt")
     assert_one_line_error(cli("--sample", 4), "not a cgan_pix2pix.py checkpoint")
     (out / "ckpt.pt").write_bytes(b"garbage")
@@ -258,7 +304,25 @@ def test_cli_bad_input(fake_mnist, tmp_path):
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_pix2pix_learns_on_real_digits(tmp_path):
     """60 --tiny steps (lr 1e-3) on real edge maps: the L1 to the target digits halves."""
-    run("cgan_pix2pix.py", "--task", "pix2pix", "--tiny", "--data-dir", SHARED_DATA, "--out", tmp_path,
-        "--steps", 60, "--batch-size", 32, "--lr", 1e-3, "--log-every", 10, "--sample-every", 0)  # fmt: skip
+    run(
+        "cgan_pix2pix.py",
+        "--task",
+        "pix2pix",
+        "--tiny",
+        "--data-dir",
+        SHARED_DATA,
+        "--out",
+        tmp_path,
+        "--steps",
+        60,
+        "--batch-size",
+        32,
+        "--lr",
+        1e-3,
+        "--log-every",
+        10,
+        "--sample-every",
+        0,
+    )
     l1 = {s: r["l1"] for s, r in logs(tmp_path).items()}
     assert l1[60] < 0.5 * l1[10], l1

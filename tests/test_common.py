@@ -110,3 +110,16 @@ def test_logger_nan_guard_exits_1(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         log.log(2)
     assert e.value.code == 1 and "not finite" in capsys.readouterr().err
+
+
+def test_due_first_every_and_last():
+    """Log lines at step 1, grids at step 200: signs of life long before --log-every and
+    --sample-every (DDPM's default 1,000) come round."""
+    assert [s for s in range(1, 2501) if common.due(s, 1000, 2500, first=200)] == [
+        200,
+        1000,
+        2000,
+        2500,
+    ]
+    assert [s for s in range(1, 11) if common.due(s, 100, 10, first=1)] == [1, 10]
+    assert [s for s in range(1, 6) if common.due(s, 0, 5)] == [5]  # --ckpt-every 0: the end only

@@ -19,7 +19,8 @@ import ddpm_ddim as D
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_marginal_equals_composed_single_steps(kind):
-    """q(x_t|x_0) = N(sqrt(ab_t) x0, 1 - ab_t) must equal T single steps x_t = sqrt(a_t) x_{t-1} + sqrt(b_t) z."""
+    """q(x_t|x_0) = N(sqrt(ab_t) x0, 1 - ab_t) must equal T single steps
+    x_t = sqrt(a_t) x_{t-1} + sqrt(b_t) z."""
     s = D.make_schedule(1000, kind, dtype=torch.float64)
     mean, var = 1.0, 0.0  # moments of x_t given x_0 = 1, propagated one step at a time
     for t in range(1000):
@@ -49,7 +50,8 @@ def test_linear_schedule_endpoints_and_cosine_closed_form():
 
 
 def test_posterior_matches_product_of_gaussians():
-    """q(x_{t-1}|x_t,x_0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x_0): derive it independently, compare to Eq. 6-7."""
+    """q(x_{t-1}|x_t,x_0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x_0): derived independently, against
+    Eq. 6-7."""
     s = D.make_schedule(1000, "linear", dtype=torch.float64)
     x0, xt = (
         torch.tensor([0.3, -0.8], dtype=torch.float64),
@@ -139,7 +141,7 @@ def test_ddim_eta0_deterministic_and_eta1_full_steps_is_ddpm():
     a = D.ddim_sample(eps, s, x_T, 50, 0.0, generator=torch.Generator().manual_seed(1))
     b = D.ddim_sample(eps, s, x_T, 50, 0.0, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
-    # with every step and eta = 1, one DDIM step is DDPM's step with sigma^2 = beta-tilde (posterior)
+    # with every step and eta = 1, a DDIM step is DDPM's step with sigma^2 = beta-tilde (posterior)
     xt = torch.randn(64, 1, 2, 2, dtype=torch.float64)
     z = torch.randn_like(xt)
     for t in (999, 500, 10, 1):
@@ -395,8 +397,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(fake_mnist, tmp_path, mon
         return loss * float("nan") if len(calls) >= 3 else loss
 
     monkeypatch.setattr(D, "p_losses", poisoned)
-    cfg = D.Config(tiny=True, data_dir=str(fake_mnist), out=str(tmp_path), steps=10, batch_size=8,
-                   log_every=5, ckpt_every=2, sample_every=0)  # fmt: skip
+    cfg = D.Config(
+        tiny=True,
+        data_dir=str(fake_mnist),
+        out=str(tmp_path),
+        steps=10,
+        batch_size=8,
+        log_every=5,
+        ckpt_every=2,
+        sample_every=0,
+    )
     with pytest.raises(SystemExit) as e:
         D.train(cfg)
     assert e.value.code == 1 and "not finite" in capsys.readouterr().err
@@ -405,8 +415,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(fake_mnist, tmp_path, mon
 
 
 def test_sigterm_saves_at_a_step_boundary_and_exits_zero(fake_mnist, tmp_path):
-    args = [sys.executable, str(ROOT / "ddpm_ddim.py"), *TINY, "--data-dir", str(fake_mnist), "--out", str(tmp_path),
-            "--steps", "100000", "--ckpt-every", "0"]  # fmt: skip
+    args = [
+        sys.executable,
+        str(ROOT / "ddpm_ddim.py"),
+        *TINY,
+        "--data-dir",
+        str(fake_mnist),
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "100000",
+        "--ckpt-every",
+        "0",
+    ]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     for line in p.stdout:  # wait until training is under way
         if line.startswith("step 3/"):
@@ -422,9 +443,24 @@ def test_sigterm_saves_at_a_step_boundary_and_exits_zero(fake_mnist, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_gloo_ranks_stay_identical(fake_mnist, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "ddp_worker.py"), "ddpm_ddim", *TINY, "--data-dir", str(fake_mnist), "--out", str(out),
-           "--steps", "3", "--ckpt-every", "2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        "ddpm_ddim",
+        *TINY,
+        "--data-dir",
+        str(fake_mnist),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--ckpt-every",
+        "2",
+    ]
     p = subprocess.run(
         cmd,
         capture_output=True,
@@ -448,7 +484,24 @@ def test_ddp_two_gloo_ranks_stay_identical(fake_mnist, tmp_path):
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_learns_on_real_digits(tmp_path):
     """A few hundred --tiny steps on real MNIST bring L_simple far below its starting value."""
-    run("ddpm_ddim.py", "--tiny", "--data-dir", SHARED_DATA, "--out", tmp_path, "--steps", 200, "--batch-size", 32,
-            "--lr", "1e-3", "--log-every", 25, "--sample-every", 0, timeout=600)  # fmt: skip
+    run(
+        "ddpm_ddim.py",
+        "--tiny",
+        "--data-dir",
+        SHARED_DATA,
+        "--out",
+        tmp_path,
+        "--steps",
+        200,
+        "--batch-size",
+        32,
+        "--lr",
+        "1e-3",
+        "--log-every",
+        25,
+        "--sample-every",
+        0,
+        timeout=600,
+    )
     ls = losses(tmp_path)
     assert ls[25] > 0.3 and ls[200] < 0.35 * ls[25], ls

@@ -1,5 +1,6 @@
 """flow.py: every bijection's inverse and log-det against autograd's Jacobian (float64), ActNorm's
-init, the likelihood at init and after a fit against Gaussian closed forms, bits/dim by hand, CLI."""
+init, the likelihood at init and after a fit against Gaussian closed forms, bits/dim by hand,
+the CLI."""
 
 import json
 import math
@@ -40,11 +41,17 @@ def check_bijection(f, x, flat_out=None):
 def test_every_layer_inverts_and_its_logdet_is_the_jacobians(C):
     torch.manual_seed(0)
     x = torch.randn(2, C, 4, 4, dtype=torch.float64) * 1.5 + 0.3
-    layers = [Fl.Squeeze(), Fl.AffineCoupling(C, 8, "checker", 0, "realnvp"),
-              Fl.AffineCoupling(C, 8, "checker", 1, "realnvp"), Fl.AffineCoupling(C, 8, "checker", 1, "glow")]  # fmt: skip
+    layers = [
+        Fl.Squeeze(),
+        Fl.AffineCoupling(C, 8, "checker", 0, "realnvp"),
+        Fl.AffineCoupling(C, 8, "checker", 1, "realnvp"),
+        Fl.AffineCoupling(C, 8, "checker", 1, "glow"),
+    ]
     if C % 2 == 0:
         layers += [Fl.ActNorm(C), Fl.InvConv2d(C), Fl.InvConv2d(C, lu=True)]
-        layers += [Fl.AffineCoupling(C, 8, "channel", p, k) for p in (0, 1) for k in ("glow", "realnvp")]  # fmt: skip
+        layers += [
+            Fl.AffineCoupling(C, 8, "channel", p, k) for p in (0, 1) for k in ("glow", "realnvp")
+        ]
     for f in layers:
         check_bijection(perturb(f.double()), x)
 
@@ -61,7 +68,9 @@ def test_whole_flow_inverts_and_logdet_is_the_jacobians(arch, lu):
     """x -> all the zs (factored-out halves and the top) is one bijection; its log-det must be the
     Jacobian's, and decoding the zs must give x back (encode/decode for interpolation)."""
     torch.manual_seed(1)
-    m = Fl.Flow(1, 8, levels=2 if arch == "glow" else 3, depth=2, width=8, arch=arch, lu=lu).double()  # fmt: skip
+    m = Fl.Flow(
+        1, 8, levels=2 if arch == "glow" else 3, depth=2, width=8, arch=arch, lu=lu
+    ).double()
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     m.initialize(x)
     perturb(m, 0.05)
@@ -79,7 +88,10 @@ def test_logit_preprocessing_inverts_and_its_logdet_is_the_jacobians():
     y, logdet = Fl.preprocess(x01, "realnvp", 0.05)
     assert torch.allclose(Fl.postprocess(y, "realnvp", 0.05), x01, atol=1e-12)
     for i in range(3):
-        J = torch.autograd.functional.jacobian(lambda v: Fl.preprocess(v.view(1, 1, 3, 3), "realnvp", 0.05)[0].flatten(), x01[i].flatten())  # fmt: skip
+        J = torch.autograd.functional.jacobian(
+            lambda v: Fl.preprocess(v.view(1, 1, 3, 3), "realnvp", 0.05)[0].flatten(),
+            x01[i].flatten(),
+        )
         assert torch.allclose(logdet[i], torch.linalg.slogdet(J)[1], atol=1e-10)
     # by hand: at x = 1/2, p = 1/2, and dy/dx = 0.9 / (1/2 * 1/2) = 3.6 per pixel
     _, ld = Fl.preprocess(torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64), "realnvp", 0.05)
@@ -109,7 +121,7 @@ def test_actnorm_init_gives_zero_mean_unit_variance_and_a_loaded_model_is_not_re
     for o in outs:
         assert torch.allclose(o.mean((0, 2, 3)), torch.zeros(o.shape[1]), atol=1e-4)
         assert torch.allclose(o.var((0, 2, 3), unbiased=False), torch.ones(o.shape[1]), atol=1e-3)
-    # a model loaded from a state dict keeps the loaded values: initialize() on other data is a no-op
+    # a model loaded from a state dict keeps the loaded values: initialize() on new data is a no-op
     perturb(m)
     state = {k: v.clone() for k, v in m.state_dict().items()}
     m2 = Fl.Flow(1, 8, levels=2, depth=3, width=16)
@@ -133,7 +145,9 @@ def test_loglik_at_init_is_the_analytic_gaussian():
     enc = lambda v: torch.cat([z.flatten(1) for z in m(v)[0]], 1)
     A = enc(torch.eye(64, dtype=torch.float64).view(64, 1, 8, 8)).T  # column i = A e_i
     assert enc(x).allclose(x.flatten(1) @ A.T)  # the map is linear at init
-    mvn = torch.distributions.MultivariateNormal(torch.zeros(64, dtype=torch.float64), precision_matrix=A.T @ A)  # fmt: skip
+    mvn = torch.distributions.MultivariateNormal(
+        torch.zeros(64, dtype=torch.float64), precision_matrix=A.T @ A
+    )
     _, ld, lp = m(x)
     assert torch.allclose(lp + ld, mvn.log_prob(x.flatten(1)), atol=1e-8)
     assert not torch.allclose(lp + ld, std.log_prob(x).flatten(1).sum(1), atol=1e-3)  # not N(0, I)
@@ -162,7 +176,10 @@ def test_short_fit_reaches_the_true_nll_of_a_gaussian():
         test = nll(target.sample((4096,)).view(-1, 1, 4, 4)).item()
     start = Fl.Flow(1, 4, levels=2, depth=4, width=32)
     with torch.no_grad():
-        start_nll = -(lambda r: r[2] + r[1])(start(target.sample((4096,)).view(-1, 1, 4, 4))).mean().item() / D  # fmt: skip
+        start_nll = (
+            -(lambda r: r[2] + r[1])(start(target.sample((4096,)).view(-1, 1, 4, 4))).mean().item()
+            / D
+        )
     assert start_nll > true_nll + 0.3  # the test can fail: init is far from the target
     assert true_nll - 0.02 < test < true_nll + 0.05, (test, true_nll)
 
@@ -200,12 +217,25 @@ def test_temperature_scales_the_prior_draws():
     torch.manual_seed(0)
     m = Fl.Flow(1, 8, levels=2, depth=1, width=8, arch="realnvp")  # the identity at init
     g = lambda: torch.Generator().manual_seed(3)
-    x1, x07 = m.inverse(n=400, temperature=1.0, generator=g()), m.inverse(n=400, temperature=0.7, generator=g())  # fmt: skip
+    x1, x07 = (
+        m.inverse(n=400, temperature=1.0, generator=g()),
+        m.inverse(n=400, temperature=0.7, generator=g()),
+    )
     assert torch.allclose(x07, 0.7 * x1, atol=1e-6) and abs(x1.std().item() - 1) < 0.05
     assert torch.equal(m.inverse(n=2, temperature=0.0), torch.zeros(2, 1, 8, 8))
 
 
-TINY = ["--tiny", "--batch-size", "16", "--init-batch", "64", "--log-every", "1", "--sample-every", "2"]  # fmt: skip
+TINY = [
+    "--tiny",
+    "--batch-size",
+    "16",
+    "--init-batch",
+    "64",
+    "--log-every",
+    "1",
+    "--sample-every",
+    "2",
+]
 
 
 def logs(d):
@@ -230,10 +260,25 @@ def test_cli_train_resume_exact_sample_and_nll(fake_mnist, tmp_path):
     run("flow.py", "--out", a, "--sample", 10, "--batch-size", 4, "--temperature", 1.0)
     z = np.load(a / "samples.npz")
     assert z["arr_0"].shape == (10, 28, 28, 1) and z["arr_0"].dtype == np.uint8 and "arr_1" not in z
-    r = json.loads(run("flow.py", "--out", a, "--nll", 8, "--data-dir", fake_mnist).stdout.splitlines()[-1])  # fmt: skip
+    r = json.loads(
+        run("flow.py", "--out", a, "--nll", 8, "--data-dir", fake_mnist).stdout.splitlines()[-1]
+    )
     assert r["n"] == 8 and 0 < r["bpd"] < 12 and r["step"] == 4
     out = tmp_path / "realnvp"  # the other architecture trains (--lu and --n-bits: unit tests)
-    run("flow.py", *TINY, "--data-dir", fake_mnist, "--out", out, "--steps", 2, "--arch", "realnvp", "--n-bits", 5)  # fmt: skip
+    run(
+        "flow.py",
+        *TINY,
+        "--data-dir",
+        fake_mnist,
+        "--out",
+        out,
+        "--steps",
+        2,
+        "--arch",
+        "realnvp",
+        "--n-bits",
+        5,
+    )
     assert all(math.isfinite(r["bpd"]) for r in logs(out).values())
 
 
@@ -242,9 +287,13 @@ def test_cli_bad_input(fake_mnist, tmp_path):
     out = tmp_path / "run"
     cli = lambda *a: run("flow.py", "--out", out, *a, check=False)
     data = ["--data-dir", fake_mnist]
-    assert_one_line_error(cli("--tiny", *data, "--image-size", 30), "image size 30 cannot be squeezed")  # fmt: skip
+    assert_one_line_error(
+        cli("--tiny", *data, "--image-size", 30), "image size 30 cannot be squeezed"
+    )
     assert_one_line_error(cli("--sample", 4), "no checkpoint")
-    assert_one_line_error(cli("--tiny", "--data-dir", tmp_path / "none", "--no-download"), "mnist not found in")  # fmt: skip
+    assert_one_line_error(
+        cli("--tiny", "--data-dir", tmp_path / "none", "--no-download"), "mnist not found in"
+    )
     run("flow.py", *TINY, *data, "--out", out, "--steps", 1)
     assert_one_line_error(cli(*data, "--steps", 2, "--resume"), "does not fit")  # not --tiny
     torch.save({"step": 1, "model": {}, "model_args": {"unet": {}}, "config": {}}, out / "ckpt.pt")
@@ -253,13 +302,19 @@ def test_cli_bad_input(fake_mnist, tmp_path):
     assert_one_line_error(cli("--sample", 4), "corrupted")
 
 
-@pytest.mark.parametrize("flag,value", [("arch", "maf"), ("n_bits", 9), ("alpha", 0.5), ("depth", -1)])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag,value", [("arch", "maf"), ("n_bits", 9), ("alpha", 0.5), ("depth", -1)]
+)
 def test_bad_flags_are_one_line_errors(flag, value, capsys):
     cfg = Fl.Config(**{flag: value})
     with pytest.raises(SystemExit) as e:
         Fl.check_flags(cfg)
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: --{flag.replace('_', '-')}")  # fmt: skip
+    assert (
+        e.value.code == 2
+        and len(err) == 1
+        and err[0].startswith(f"error: --{flag.replace('_', '-')}")
+    )
 
 
 def test_levels_the_size_cannot_take_are_a_one_line_error(capsys):
@@ -278,21 +333,59 @@ def test_levels_the_size_cannot_take_are_a_one_line_error(capsys):
 def test_ddp_two_gloo_ranks_start_from_one_actnorm_init_and_stay_identical(fake_mnist, tmp_path):
     """Each rank runs ActNorm's data-dependent init on its own batch; DDP's broadcast must leave
     every rank with rank 0's, and the replicas identical after training steps."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "ddp_worker.py"), "flow", *TINY, "--sample-every", "0",
-           "--data-dir", str(fake_mnist), "--out", str(tmp_path), "--steps", "3"]  # fmt: skip
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        "flow",
+        *TINY,
+        "--sample-every",
+        "0",
+        "--data-dir",
+        str(fake_mnist),
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "3",
+    ]
+    p = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     w0, w1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert all(torch.equal(w0[k], w1[k]) for k in w0), [k for k in w0 if not torch.equal(w0[k], w1[k])]  # fmt: skip
+    assert all(torch.equal(w0[k], w1[k]) for k in w0), [
+        k for k in w0 if not torch.equal(w0[k], w1[k])
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_learns_on_real_digits(tmp_path):
     """150 --tiny steps on real MNIST take bits/dim far below its value after 25 steps."""
-    run("flow.py", "--tiny", "--data-dir", SHARED_DATA, "--out", tmp_path, "--steps", 150,
-        "--batch-size", 64, "--log-every", 25, "--sample-every", 0)  # fmt: skip
+    run(
+        "flow.py",
+        "--tiny",
+        "--data-dir",
+        SHARED_DATA,
+        "--out",
+        tmp_path,
+        "--steps",
+        150,
+        "--batch-size",
+        64,
+        "--log-every",
+        25,
+        "--sample-every",
+        0,
+    )
     b = {s: r["bpd"] for s, r in logs(tmp_path).items()}
     assert b[25] > 6 and b[150] < b[25] - 1.5, b
 

@@ -97,7 +97,14 @@ def test_learns_a_gaussian_and_d_accuracy_returns_to_chance():
     torch.manual_seed(0)
     mu, L = torch.tensor([2.0, -1.0]), torch.tensor([[1.0, 0.0], [0.6, 0.5]])
     G = nn.Linear(2, 2)
-    D = nn.Sequential(nn.Linear(2, 32), nn.LeakyReLU(0.2), nn.Linear(32, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1), nn.Flatten(0))  # fmt: skip
+    D = nn.Sequential(
+        nn.Linear(2, 32),
+        nn.LeakyReLU(0.2),
+        nn.Linear(32, 32),
+        nn.LeakyReLU(0.2),
+        nn.Linear(32, 1),
+        nn.Flatten(0),
+    )
     opt_g, opt_d = (torch.optim.Adam(m.parameters(), 2e-3, betas=(0.5, 0.999)) for m in (G, D))
 
     def moment_error():
@@ -114,7 +121,10 @@ def test_learns_a_gaussian_and_d_accuracy_returns_to_chance():
         accs.append(stats["d_acc"].item())
     err = moment_error()
     assert err < err0 / 5, (err0, err)
-    assert max(accs[:100]) > 0.8 and np.mean(accs[-300:]) < 0.65, (max(accs[:100]), np.mean(accs[-300:]))  # fmt: skip
+    assert max(accs[:100]) > 0.8 and np.mean(accs[-300:]) < 0.65, (
+        max(accs[:100]),
+        np.mean(accs[-300:]),
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -135,7 +145,9 @@ def test_cli_train_resume_exact_and_sample(fake_mnist, tmp_path):
     assert "from step 2" in p.stdout and "d_gz" in p.stdout
     la, lb = logs(a), logs(b)
     for s in (3, 4):
-        assert {k: v for k, v in la[s].items() if k not in ("t", "img_s")} == {k: v for k, v in lb[s].items() if k not in ("t", "img_s")}  # fmt: skip
+        assert {k: v for k, v in la[s].items() if k not in ("t", "img_s")} == {
+            k: v for k, v in lb[s].items() if k not in ("t", "img_s")
+        }
     ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
     assert ca["step"] == cb["step"] == 4
     for k in ("G", "D"):
@@ -146,9 +158,24 @@ def test_cli_train_resume_exact_and_sample(fake_mnist, tmp_path):
     assert z["arr_0"].shape == (10, 28, 28, 1) and z["arr_0"].dtype == np.uint8 and "arr_1" not in z
     # the hinge loss and an EMA of G: trains, and --sample draws from the EMA
     e = tmp_path / "ema"
-    run("gan.py", *TINY, "--data-dir", fake_mnist, "--out", e, "--steps", 2, "--loss", "hinge", "--ema", "0.9")  # fmt: skip
+    run(
+        "gan.py",
+        *TINY,
+        "--data-dir",
+        fake_mnist,
+        "--out",
+        e,
+        "--steps",
+        2,
+        "--loss",
+        "hinge",
+        "--ema",
+        "0.9",
+    )
     ck = torch.load(e / "ckpt.pt", weights_only=True)
-    assert ck["ema"] is not None and not torch.equal(ck["ema"]["net.0.weight"], ck["G"]["net.0.weight"])  # fmt: skip
+    assert ck["ema"] is not None and not torch.equal(
+        ck["ema"]["net.0.weight"], ck["G"]["net.0.weight"]
+    )
     run("gan.py", "--out", e, "--sample", 4)
 
 
@@ -157,7 +184,9 @@ def test_cli_bad_input(fake_mnist, tmp_path):
     out = tmp_path / "run"
     cli = lambda *a: run("gan.py", "--out", out, *a, check=False)
     data = ["--data-dir", fake_mnist]
-    assert_one_line_error(cli("--tiny", "--data-dir", tmp_path / "none", "--no-download"), "mnist not found in")  # fmt: skip
+    assert_one_line_error(
+        cli("--tiny", "--data-dir", tmp_path / "none", "--no-download"), "mnist not found in"
+    )
     assert_one_line_error(cli("--sample", 4), "no checkpoint")
     assert_one_line_error(cli("--loss", "wgan"), "--loss")
     assert_one_line_error(cli("--ema", "1.5"), "--ema")
@@ -178,11 +207,37 @@ def test_ddp_two_gloo_ranks_keep_G_and_D_identical(fake_mnist, tmp_path):
     DDP: both ranks end with the same G and D weights (BatchNorm's running statistics are each
     rank's own between DDP's broadcasts, and are not compared). G's EMA starts from rank 0's
     init too, as DDP's replicas do."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "ddp_worker.py"), "gan", *TINY, "--sample-every", "0", "--data-dir", str(fake_mnist),
-           "--out", str(tmp_path), "--steps", "3", "--ema", "0.9"]  # fmt: skip
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        "gan",
+        *TINY,
+        "--sample-every",
+        "0",
+        "--data-dir",
+        str(fake_mnist),
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "3",
+        "--ema",
+        "0.9",
+    ]
+    p = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     w0, w1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert any(k.startswith("1.") for k in w0) and any(k.startswith("2.") for k in w0)  # D, EMA
-    assert all(torch.equal(w0[k], w1[k]) for k in w0 if "running" not in k), [k for k in w0 if not torch.equal(w0[k], w1[k])]  # fmt: skip
+    assert all(torch.equal(w0[k], w1[k]) for k in w0 if "running" not in k), [
+        k for k in w0 if not torch.equal(w0[k], w1[k])
+    ]

@@ -141,16 +141,34 @@ def test_ctrl_c_outside_training_is_one_line(cmd, fake_mnist, tmp_path):
     """Ctrl-C in --sample and in evaluate.py: exit 130 with one line, no traceback."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
     if cmd == "sample":
-        run("ddpm_ddim.py", "--tiny", "--steps", 1, "--batch-size", 8, "--sample-every", 0,
-            "--data-dir", fake_mnist, "--out", tmp_path)  # fmt: skip
+        run(
+            "ddpm_ddim.py",
+            "--tiny",
+            "--steps",
+            1,
+            "--batch-size",
+            8,
+            "--sample-every",
+            0,
+            "--data-dir",
+            fake_mnist,
+            "--out",
+            tmp_path,
+        )
         args = ["ddpm_ddim.py", "--sample", 10000, "--batch-size", 2, "--out", tmp_path]
         first = "sampled"
     else:
         np.savez(tmp_path / "s.npz", np.zeros((4, 28, 28, 1), np.uint8))
         args = ["evaluate.py", tmp_path / "s.npz", "--data-dir", fake_mnist]
         first = "  epoch"
-    p = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    p = subprocess.Popen(
+        [sys.executable, *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     wait_for(p, first)
     p.send_signal(signal.SIGINT)
     rest = p.communicate(timeout=60)[0]
@@ -160,7 +178,50 @@ def test_ctrl_c_outside_training_is_one_line(cmd, fake_mnist, tmp_path):
 
 def test_sampling_reads_the_runs_data_dir(fake_mnist, tmp_path):
     """pix2pix --sample (and every --nll/--eval) finds the data where training found it."""
-    run("cgan_pix2pix.py", "--task", "pix2pix", "--tiny", "--steps", 1, "--batch-size", 8,
-        "--sample-every", 0, "--data-dir", fake_mnist, "--out", tmp_path)  # fmt: skip
+    run(
+        "cgan_pix2pix.py",
+        "--task",
+        "pix2pix",
+        "--tiny",
+        "--steps",
+        1,
+        "--batch-size",
+        8,
+        "--sample-every",
+        0,
+        "--data-dir",
+        fake_mnist,
+        "--out",
+        tmp_path,
+    )
     p = run("cgan_pix2pix.py", "--out", tmp_path, "--sample", 4, "--no-download")
     assert p.stdout.strip().splitlines()[-1].startswith(f"wrote 4 translations to {tmp_path}")
+
+
+def test_a_full_size_model_on_cpu_says_so_in_its_first_lines(fake_mnist, tmp_path):
+    """The first log line comes after one step, with a one-line estimate for a CPU run of the
+    full-size model; SIGTERM then saves and exits 0."""
+    args = [
+        "gan.py",
+        "--steps",
+        100000,
+        "--batch-size",
+        64,
+        "--data-dir",
+        fake_mnist,
+        "--out",
+        tmp_path,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(
+        [sys.executable, *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert wait_for(p, "step ").startswith("step 1/100000")
+    assert "--tiny trains in minutes" in wait_for(p, "full-size model on CPU:")
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 0 and (tmp_path / "ckpt.pt").exists()

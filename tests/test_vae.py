@@ -78,8 +78,10 @@ def test_iwae_k1_is_the_elbo_in_expectation_and_rises_with_k():
     elbo = lpx.mean(0) - V.gaussian_kl(mu, logvar)
     se = ((k1.var(0) + lpx.var(0)) / R).sqrt()  # both sides are Monte Carlo estimates
     assert ((k1.mean(0) - elbo).abs() < 4 * se).all(), (k1.mean(0), elbo, se)
-    draws = [V.iwae_bound(model, x01.repeat(r, 1, 1, 1), k, "bernoulli")[0].view(r, 3)
-             for k, r in [(10, 200), (100, 20)]]  # fmt: skip
+    draws = [
+        V.iwae_bound(model, x01.repeat(r, 1, 1, 1), k, "bernoulli")[0].view(r, 3)
+        for k, r in [(10, 200), (100, 20)]
+    ]
     (m1, s1), (m10, s10), (m100, s100) = [
         (d.mean(0), d.std(0) / len(d) ** 0.5) for d in [k1, *draws]
     ]
@@ -126,7 +128,11 @@ def test_cli_train_resume_exact_sample_and_nll(fake_mnist, tmp_path):
     run("vae.py", "--out", a, "--sample", 10, "--batch-size", 4)
     z = np.load(a / "samples.npz")
     assert z["arr_0"].shape == (10, 28, 28, 1) and z["arr_0"].dtype == np.uint8 and "arr_1" not in z
-    r = json.loads(run("vae.py", "--out", a, "--nll", 20, "--nll-n", 6, "--data-dir", fake_mnist).stdout.splitlines()[-1])  # fmt: skip
+    r = json.loads(
+        run(
+            "vae.py", "--out", a, "--nll", 20, "--nll-n", 6, "--data-dir", fake_mnist
+        ).stdout.splitlines()[-1]
+    )
     assert r["n"] == 6 and r["K"] == 20 and r["log_px_iwae"] >= r["elbo"]
     assert r["nll_bpd"] == pytest.approx(r["nll_nats"] / (784 * math.log(2)))
     # the discretized Gaussian decoder (the RGB default) trains and has a likelihood in bits/dim
@@ -143,7 +149,11 @@ def test_cli_train_resume_exact_sample_and_nll(fake_mnist, tmp_path):
         "--likelihood",
         "gaussian",
     )
-    r = json.loads(run("vae.py", "--out", g, "--nll", 4, "--nll-n", 2, "--data-dir", fake_mnist).stdout.splitlines()[-1])  # fmt: skip
+    r = json.loads(
+        run(
+            "vae.py", "--out", g, "--nll", 4, "--nll-n", 2, "--data-dir", fake_mnist
+        ).stdout.splitlines()[-1]
+    )
     assert r["likelihood"] == "gaussian" and r["log_px_iwae"] >= r["elbo"] and r["nll_bpd"] > 0
     # the plain AE trains without a KL term
     run("vae.py", *TINY, "--data-dir", fake_mnist, "--out", tmp_path / "ae", "--steps", 2, "--ae")
@@ -174,8 +184,22 @@ def test_cli_bad_input(fake_mnist, tmp_path):
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_learns_on_real_digits(tmp_path):
     """150 --tiny steps on real MNIST bring the negative ELBO far below its starting value."""
-    run("vae.py", "--tiny", "--data-dir", SHARED_DATA, "--out", tmp_path, "--steps", 150, "--batch-size", 64,
-        "--log-every", 25, "--sample-every", 0)  # fmt: skip
+    run(
+        "vae.py",
+        "--tiny",
+        "--data-dir",
+        SHARED_DATA,
+        "--out",
+        tmp_path,
+        "--steps",
+        150,
+        "--batch-size",
+        64,
+        "--log-every",
+        25,
+        "--sample-every",
+        0,
+    )
     ls = {s: r["loss"] for s, r in logs(tmp_path).items()}
     assert ls[25] > 250 and ls[150] < 0.6 * ls[25], ls
 
@@ -184,7 +208,20 @@ def test_learns_on_real_digits(tmp_path):
 def test_compile_trains_and_checkpoints_without_prefix(fake_mnist, tmp_path):
     """--compile (common.wrap, shared by every script) runs the compiled module; the checkpoint
     holds the raw module's names. On the VAE: the smallest graph, the cheapest cold compile."""
-    run("vae.py", *TINY, "--sample-every", 0, "--data-dir", fake_mnist, "--out", tmp_path, "--steps", 2, "--compile", timeout=600)  # fmt: skip
+    run(
+        "vae.py",
+        *TINY,
+        "--sample-every",
+        0,
+        "--data-dir",
+        fake_mnist,
+        "--out",
+        tmp_path,
+        "--steps",
+        2,
+        "--compile",
+        timeout=600,
+    )
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ck["step"] == 2 and not any("_orig_mod" in k for k in ck["model"])
 

@@ -154,7 +154,10 @@ def test_cli_two_stages_resume_exact_sample_and_eval(fake_mnist, tmp_path):
     assert (
         r["n"] == 64 and 0 < r["codes_used"] <= 32 and r["psnr_db"] > 0 and r["prior_nll_nats"] > 0
     )
-    assert_one_line_error(run("vqvae.py", *TINY, *data, "--out", a, "--steps", 5, "--resume", check=False), "already holds a prior")  # fmt: skip
+    assert_one_line_error(
+        run("vqvae.py", *TINY, *data, "--out", a, "--steps", 5, "--resume", check=False),
+        "already holds a prior",
+    )
 
 
 @pytest.mark.slow
@@ -184,10 +187,31 @@ def test_cli_bad_input(fake_mnist, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_gloo_ranks_keep_one_codebook(fake_mnist, tmp_path):
     """EMA statistics and dead-code restarts are summed/broadcast over ranks: replicas agree."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "ddp_worker.py"), "vqvae", *TINY, "--ema", "--data-dir", str(fake_mnist),
-           "--out", str(tmp_path), "--steps", "3"]  # fmt: skip
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        "vqvae",
+        *TINY,
+        "--ema",
+        "--data-dir",
+        str(fake_mnist),
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "3",
+    ]
+    p = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     w0, w1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(w0[k], w1[k]) for k in w0), [
@@ -199,7 +223,23 @@ def test_ddp_two_gloo_ranks_keep_one_codebook(fake_mnist, tmp_path):
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_learns_on_real_digits(tmp_path):
     """A short --tiny stage 1 on real MNIST: the reconstruction error falls well below its start."""
-    run("vqvae.py", "--tiny", "--data-dir", SHARED_DATA, "--out", tmp_path, "--steps", 100, "--batch-size", 32,
-        "--lr", "2e-3", "--log-every", 20, "--sample-every", 0)  # fmt: skip
+    run(
+        "vqvae.py",
+        "--tiny",
+        "--data-dir",
+        SHARED_DATA,
+        "--out",
+        tmp_path,
+        "--steps",
+        100,
+        "--batch-size",
+        32,
+        "--lr",
+        "2e-3",
+        "--log-every",
+        20,
+        "--sample-every",
+        0,
+    )
     mse = {s: r["mse"] for s, r in logs(tmp_path).items()}
     assert mse[100] < 0.5 * mse[20], mse
