@@ -141,7 +141,7 @@ def setup(cfg):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.threads or "OMP_NUM_THREADS" not in os.environ:  # README, "Threads": measured
         torch.set_num_threads(cfg.threads or idle_cpus())
-    signal.signal(signal.SIGINT, interrupted)  # a training loop's Stopper replaces it
+    signal.signal(signal.SIGINT, interrupted)  # common.Loop replaces it while training
     seed = cfg.seed + rank()  # every rank draws its own noise
     random.seed(seed)
     np.random.seed(seed)

@@ -383,13 +383,14 @@ def model_args(cfg: Config, in_ch: int, size: int) -> dict:
     """The flow's constructor arguments (saved as model_args), with --levels, --depth, --width
     resolved; an image size the squeezes cannot take is a one-line error."""
     glow = cfg.arch == "glow"
+    # Glow squeezes at the start of every level; RealNVP's last level has no squeeze
     squeezes = cfg.levels - (not glow) if cfg.levels else (3 if size % 8 == 0 else 2)
     if size % 2**squeezes:
         common.die(
             f"image size {size} cannot be squeezed {squeezes} times (each halves it): use "
             f"an --image-size divisible by {2**squeezes}, or fewer --levels"
         )
-    if cfg.tiny:
+    if cfg.tiny:  # 0 means the default of the architecture and size
         depth, width = cfg.depth or (4 if glow else 2), cfg.width or 32
     else:
         depth, width = cfg.depth or (32 if glow else 3), cfg.width or (512 if glow else 64)
@@ -417,7 +418,7 @@ def save_pictures(model, cfg, x_test, name="samples_final.png", n=64):
     """Samples at the run's temperature (fixed noise) and a z-interpolation between test images."""
     was, out = model.training, Path(cfg.out)
     model.eval()
-    img = lambda y: to_images(y, cfg.n_bits, cfg.arch, cfg.alpha)
+    img = lambda y: to_images(y, cfg.n_bits, cfg.arch, cfg.alpha)  # flow space -> [-1, 1]
     g = torch.Generator(x_test.device).manual_seed(cfg.seed)
     common.save_grid(img(model.inverse(n=n, temperature=cfg.temperature, generator=g)), out / name)
     pairs = x_test[: min(16, len(x_test)) // 2 * 2]  # even: row i joins images 2i and 2i + 1
