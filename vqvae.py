@@ -395,6 +395,7 @@ def train_prior(cfg: Config):
     """Stage 2: maximum likelihood of the training set's code grids under the prior."""
     device, autocast = common.setup(cfg)
     vq, ck1 = load_stage1(cfg, device)
+    cfg = common.from_run(cfg, ck1)  # stage 1's --dataset and --data-dir, unless given
     cfg.image_size, K = ck1["shape"][-1], ck1["model_args"]["vqvae"]["K"]  # stage 1 decides
     x, _ = common.load_images(cfg, train=True)
     codes = [vq.encode(xb.to(device).float() / 127.5 - 1).flatten(1).cpu() for xb in x.split(500)]

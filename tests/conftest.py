@@ -37,7 +37,9 @@ def fake_mnist(tmp_path):
 
 
 def run(script, *args, check=True, timeout=300, env=None):
-    """Run a repository script as a user would; on failure show its output."""
+    """Run a repository script as a user would; on failure show its output. A string of flags,
+    "--steps 4 --tiny", is split on spaces."""
+    args = [w for a in args for w in (a.split() if isinstance(a, str) and a[:1] == "-" else [a])]
     e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     p = subprocess.run(
         [sys.executable, str(ROOT / script), *map(str, args)],

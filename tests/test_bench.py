@@ -4,29 +4,12 @@ import json
 
 from conftest import assert_one_line_error, run
 
+SMALL = "--batch-size 4 --sample-batch 2 --warmup 1 --iters 1 --device cpu"
+
 
 def test_bench_tiny_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    run(
-        "bench.py",
-        "--tiny",
-        "--image-size",
-        28,
-        "--channels",
-        1,
-        "--batch-size",
-        4,
-        "--sample-batch",
-        2,
-        "--warmup",
-        1,
-        "--iters",
-        1,
-        "--device",
-        "cpu",
-        "--out",
-        out,
-    )
+    run("bench.py", "--tiny --image-size 28 --channels 1", SMALL, "--out", out)
     r = json.load(open(out))
     row = r["rows"][0]
     assert row["model"] == "ddpm_ddim.UNet" and row["params_M"] == 0.63
@@ -38,23 +21,8 @@ def test_bench_autoencoders_gans_and_flows_smoke(tmp_path):
     out = tmp_path / "bench.json"
     run(
         "bench.py",
-        "--models",
-        "vae,vqvae,gan,flow",
-        "--tiny",
-        "--image-size",
-        28,
-        "--channels",
-        1,
-        "--batch-size",
-        4,
-        "--sample-batch",
-        2,
-        "--warmup",
-        1,
-        "--iters",
-        1,
-        "--device",
-        "cpu",
+        "--models vae,vqvae,gan,flow --tiny --image-size 28 --channels 1",
+        SMALL,
         "--out",
         out,
     )

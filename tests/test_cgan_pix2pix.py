@@ -248,21 +248,9 @@ def test_cli_pix2pix_aligned_folders(tmp_path):
     out, data = tmp_path / "run", ["--data-dir", tmp_path / "facades"]
     run(
         "cgan_pix2pix.py",
-        "--task",
-        "pix2pix",
-        "--dataset",
-        "aligned",
+        "--task pix2pix --dataset aligned",
         *data,
-        "--image-size",
-        32,
-        "--tiny",
-        "--batch-size",
-        2,
-        "--steps",
-        2,
-        "--direction",
-        "BtoA",
-        "--out",
+        "--image-size 32 --tiny --batch-size 2 --steps 2 --direction BtoA --out",
         out,
     )
     p = run("cgan_pix2pix.py", "--out", out, "--sample", 5, *data)
@@ -306,23 +294,11 @@ def test_pix2pix_learns_on_real_digits(tmp_path):
     """60 --tiny steps (lr 1e-3) on real edge maps: the L1 to the target digits halves."""
     run(
         "cgan_pix2pix.py",
-        "--task",
-        "pix2pix",
-        "--tiny",
-        "--data-dir",
+        "--task pix2pix --tiny --data-dir",
         SHARED_DATA,
         "--out",
         tmp_path,
-        "--steps",
-        60,
-        "--batch-size",
-        32,
-        "--lr",
-        1e-3,
-        "--log-every",
-        10,
-        "--sample-every",
-        0,
+        "--steps 60 --batch-size 32 --lr 1e-3 --log-every 10 --sample-every 0",
     )
     l1 = {s: r["l1"] for s, r in logs(tmp_path).items()}
     assert l1[60] < 0.5 * l1[10], l1

@@ -352,13 +352,7 @@ def test_cli_folder_dataset_from_pngs(tmp_path):
         *TINY,
         "--dataset",
         f"folder:{tmp_path / 'imgs'}",
-        "--image-size",
-        32,
-        "--batch-size",
-        4,
-        "--steps",
-        2,
-        "--out",
+        "--image-size 32 --batch-size 4 --steps 2 --out",
         out,
     )
     unet = torch.load(out / "ckpt.pt", weights_only=True)["model_args"]["unet"]
@@ -486,21 +480,11 @@ def test_learns_on_real_digits(tmp_path):
     """A few hundred --tiny steps on real MNIST bring L_simple far below its starting value."""
     run(
         "ddpm_ddim.py",
-        "--tiny",
-        "--data-dir",
+        "--tiny --data-dir",
         SHARED_DATA,
         "--out",
         tmp_path,
-        "--steps",
-        200,
-        "--batch-size",
-        32,
-        "--lr",
-        "1e-3",
-        "--log-every",
-        25,
-        "--sample-every",
-        0,
+        "--steps 200 --batch-size 32 --lr 1e-3 --log-every 25 --sample-every 0",
         timeout=600,
     )
     ls = losses(tmp_path)

@@ -272,12 +272,7 @@ def test_cli_train_resume_exact_sample_and_nll(fake_mnist, tmp_path):
         fake_mnist,
         "--out",
         out,
-        "--steps",
-        2,
-        "--arch",
-        "realnvp",
-        "--n-bits",
-        5,
+        "--steps 2 --arch realnvp --n-bits 5",
     )
     assert all(math.isfinite(r["bpd"]) for r in logs(out).values())
 
@@ -372,19 +367,11 @@ def test_learns_on_real_digits(tmp_path):
     """150 --tiny steps on real MNIST take bits/dim far below its value after 25 steps."""
     run(
         "flow.py",
-        "--tiny",
-        "--data-dir",
+        "--tiny --data-dir",
         SHARED_DATA,
         "--out",
         tmp_path,
-        "--steps",
-        150,
-        "--batch-size",
-        64,
-        "--log-every",
-        25,
-        "--sample-every",
-        0,
+        "--steps 150 --batch-size 64 --log-every 25 --sample-every 0",
     )
     b = {s: r["bpd"] for s, r in logs(tmp_path).items()}
     assert b[25] > 6 and b[150] < b[25] - 1.5, b

@@ -158,20 +158,7 @@ def test_cli_train_resume_exact_and_sample(fake_mnist, tmp_path):
     assert z["arr_0"].shape == (10, 28, 28, 1) and z["arr_0"].dtype == np.uint8 and "arr_1" not in z
     # the hinge loss and an EMA of G: trains, and --sample draws from the EMA
     e = tmp_path / "ema"
-    run(
-        "gan.py",
-        *TINY,
-        "--data-dir",
-        fake_mnist,
-        "--out",
-        e,
-        "--steps",
-        2,
-        "--loss",
-        "hinge",
-        "--ema",
-        "0.9",
-    )
+    run("gan.py", *TINY, "--data-dir", fake_mnist, "--out", e, "--steps 2 --loss hinge --ema 0.9")
     ck = torch.load(e / "ckpt.pt", weights_only=True)
     assert ck["ema"] is not None and not torch.equal(
         ck["ema"]["net.0.weight"], ck["G"]["net.0.weight"]

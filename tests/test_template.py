@@ -129,6 +129,15 @@ def test_folder_keeps_its_own_size_and_flat_is_one_class(tmp_path):
     assert x.shape == (3, 3, 24, 24) and x.dtype == torch.uint8 and (y == 0).all()
 
 
+def start(*args, env=None):
+    """A script as a background process, stdout and stderr merged: for the signal tests."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, *map(str, args)]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
 def wait_for(p, prefix):
     for line in p.stdout:
         if line.startswith(prefix):
@@ -139,18 +148,10 @@ def wait_for(p, prefix):
 @pytest.mark.parametrize("cmd", ["sample", "evaluate"])
 def test_ctrl_c_outside_training_is_one_line(cmd, fake_mnist, tmp_path):
     """Ctrl-C in --sample and in evaluate.py: exit 130 with one line, no traceback."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
     if cmd == "sample":
         run(
             "ddpm_ddim.py",
-            "--tiny",
-            "--steps",
-            1,
-            "--batch-size",
-            8,
-            "--sample-every",
-            0,
-            "--data-dir",
+            "--tiny --steps 1 --batch-size 8 --sample-every 0 --data-dir",
             fake_mnist,
             "--out",
             tmp_path,
@@ -161,14 +162,7 @@ def test_ctrl_c_outside_training_is_one_line(cmd, fake_mnist, tmp_path):
         np.savez(tmp_path / "s.npz", np.zeros((4, 28, 28, 1), np.uint8))
         args = ["evaluate.py", tmp_path / "s.npz", "--data-dir", fake_mnist]
         first = "  epoch"
-    p = subprocess.Popen(
-        [sys.executable, *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    p = start(*args, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     wait_for(p, first)
     p.send_signal(signal.SIGINT)
     rest = p.communicate(timeout=60)[0]
@@ -180,16 +174,7 @@ def test_sampling_reads_the_runs_data_dir(fake_mnist, tmp_path):
     """pix2pix --sample (and every --nll/--eval) finds the data where training found it."""
     run(
         "cgan_pix2pix.py",
-        "--task",
-        "pix2pix",
-        "--tiny",
-        "--steps",
-        1,
-        "--batch-size",
-        8,
-        "--sample-every",
-        0,
-        "--data-dir",
+        "--task pix2pix --tiny --steps 1 --batch-size 8 --sample-every 0 --data-dir",
         fake_mnist,
         "--out",
         tmp_path,
@@ -212,15 +197,7 @@ def test_a_full_size_model_on_cpu_says_so_in_its_first_lines(fake_mnist, tmp_pat
         "--out",
         tmp_path,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen(
-        [sys.executable, *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    p = start(*args)
     assert wait_for(p, "step ").startswith("step 1/100000")
     assert "--tiny trains in minutes" in wait_for(p, "full-size model on CPU:")
     p.send_signal(signal.SIGTERM)

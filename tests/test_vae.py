@@ -137,18 +137,7 @@ def test_cli_train_resume_exact_sample_and_nll(fake_mnist, tmp_path):
     assert r["nll_bpd"] == pytest.approx(r["nll_nats"] / (784 * math.log(2)))
     # the discretized Gaussian decoder (the RGB default) trains and has a likelihood in bits/dim
     g = tmp_path / "gauss"
-    run(
-        "vae.py",
-        *TINY,
-        "--data-dir",
-        fake_mnist,
-        "--out",
-        g,
-        "--steps",
-        2,
-        "--likelihood",
-        "gaussian",
-    )
+    run("vae.py", *TINY, "--data-dir", fake_mnist, "--out", g, "--steps 2 --likelihood gaussian")
     r = json.loads(
         run(
             "vae.py", "--out", g, "--nll", 4, "--nll-n", 2, "--data-dir", fake_mnist
@@ -186,19 +175,11 @@ def test_learns_on_real_digits(tmp_path):
     """150 --tiny steps on real MNIST bring the negative ELBO far below its starting value."""
     run(
         "vae.py",
-        "--tiny",
-        "--data-dir",
+        "--tiny --data-dir",
         SHARED_DATA,
         "--out",
         tmp_path,
-        "--steps",
-        150,
-        "--batch-size",
-        64,
-        "--log-every",
-        25,
-        "--sample-every",
-        0,
+        "--steps 150 --batch-size 64 --log-every 25 --sample-every 0",
     )
     ls = {s: r["loss"] for s, r in logs(tmp_path).items()}
     assert ls[25] > 250 and ls[150] < 0.6 * ls[25], ls
@@ -211,15 +192,11 @@ def test_compile_trains_and_checkpoints_without_prefix(fake_mnist, tmp_path):
     run(
         "vae.py",
         *TINY,
-        "--sample-every",
-        0,
-        "--data-dir",
+        "--sample-every 0 --data-dir",
         fake_mnist,
         "--out",
         tmp_path,
-        "--steps",
-        2,
-        "--compile",
+        "--steps 2 --compile",
         timeout=600,
     )
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)

@@ -225,21 +225,11 @@ def test_learns_on_real_digits(tmp_path):
     """A short --tiny stage 1 on real MNIST: the reconstruction error falls well below its start."""
     run(
         "vqvae.py",
-        "--tiny",
-        "--data-dir",
+        "--tiny --data-dir",
         SHARED_DATA,
         "--out",
         tmp_path,
-        "--steps",
-        100,
-        "--batch-size",
-        32,
-        "--lr",
-        "2e-3",
-        "--log-every",
-        20,
-        "--sample-every",
-        0,
+        "--steps 100 --batch-size 32 --lr 2e-3 --log-every 20 --sample-every 0",
     )
     mse = {s: r["mse"] for s, r in logs(tmp_path).items()}
     assert mse[100] < 0.5 * mse[20], mse
