@@ -86,13 +86,13 @@ class ActNorm(nn.Module):
         self.init_pending = False  # set by Flow.initialize for exactly one forward pass
 
     def forward(self, x):
-        if self.init_pending:
+        if self.init_pending:  # per-channel statistics over batch and pixels: (1, C, 1, 1)
             with torch.no_grad():
                 self.b.copy_(-x.mean((0, 2, 3), keepdim=True))
                 self.logs.copy_(-x.std((0, 2, 3), keepdim=True, unbiased=False).add(1e-6).log())
                 self.initialized.fill_(True)
             self.init_pending = False
-        logdet = self.logs.sum() * x.shape[2] * x.shape[3]
+        logdet = self.logs.sum() * x.shape[2] * x.shape[3]  # the same scale at every pixel
         return (x + self.b) * self.logs.exp(), logdet.expand(len(x))
 
     def inverse(self, y):
@@ -131,12 +131,12 @@ class InvConv2d(nn.Module):
     def forward(self, x):
         with torch.autocast(x.device.type, enabled=False):
             W, logdet = self.matrix()
-            y = F.conv2d(x, W.to(x.dtype)[:, :, None, None])
+            y = F.conv2d(x, W.to(x.dtype)[:, :, None, None])  # W (C, C) as a 1x1 kernel
         return y, (logdet * x.shape[2] * x.shape[3]).expand(len(x))
 
     def inverse(self, y):
         with torch.autocast(y.device.type, enabled=False):
-            W = torch.linalg.inv(self.matrix()[0].double()).to(y.dtype)
+            W = torch.linalg.inv(self.matrix()[0].double()).to(y.dtype)  # inverted in float64
             return F.conv2d(y, W[:, :, None, None])
 
 
@@ -239,13 +239,14 @@ class Split(nn.Module):
         self.prior = ZeroConv2d(ch // 2, ch) if learned else None
 
     def prior_params(self, z1):
+        """(mu, log sigma) of z2 given z1, each (B, C/2, H, W)."""
         if self.prior is None:
             return torch.zeros_like(z1), torch.zeros_like(z1)
-        h = self.prior(z1).to(z1.dtype)
+        h = self.prior(z1).to(z1.dtype)  # (B, C, H, W): mu and log sigma interleaved
         return h[:, 0::2], h[:, 1::2]
 
     def forward(self, x):
-        z1, z2 = x.chunk(2, 1)
+        z1, z2 = x.chunk(2, 1)  # (B, C/2, H, W) each: z1 goes on, z2 is scored here
         return z1, z2, log_normal(z2, *self.prior_params(z1))
 
     def inverse(self, z1, z2=None, temperature=1.0, generator=None):
@@ -293,13 +294,13 @@ class Flow(nn.Module):
         """x -> (zs, log|det dz/dx|, log p(z)): log p(x) = log p(z) + log|det| (Glow Eq. 2)."""
         logdet, logpz, zs = x.new_zeros(len(x)), x.new_zeros(len(x)), []
         for i, level in enumerate(self.levels):
-            x, ld = level(x)
+            x, ld = level(x)  # each level halves H and W and quadruples C (its squeeze)
             logdet = logdet + ld
-            if i < len(self.splits):
+            if i < len(self.splits):  # half the channels leave here, scored by their prior
                 x, z, lp = self.splits[i](x)
                 zs.append(z)
                 logpz = logpz + lp
-        zs.append(x)
+        zs.append(x)  # what reaches the top, scored by the top prior
         return zs, logdet, logpz + log_normal(x, *self.top_params(x.dtype))
 
     def top_params(self, dtype=torch.float32):
