@@ -54,7 +54,8 @@ def ddpm_nets(args):
     cfg = ddpm_ddim.Config(tiny=args.tiny)
     unet = ddpm_ddim.model_args(cfg, args.channels, args.image_size)["unet"]
     ours = ddpm_ddim.UNet(**unet)
-    mult, attn, ch, blocks = unet["ch_mult"], unet["attn_res"], unet["ch"], unet["num_res_blocks"]
+    mult, attn = unet["ch_mult"], unet["attn_res"]
+    ch, blocks = unet["ch"], unet["num_res_blocks"]
     nets = [("ddpm_ddim.UNet", ours)]
     if not args.peers:
         return nets

@@ -325,7 +325,9 @@ def pairs(cfg, train: bool):
     """(A, B, labels) of a split for pix2pix: mnist-edges, or aligned folders (val/, else test/)."""
     if cfg.dataset == "mnist-edges":
         return mnist_edges(cfg, train)
-    split = "train" if train else "val" if (Path(cfg.data_dir) / "val").is_dir() else "test"
+    split = "train"
+    if not train:
+        split = "val" if (Path(cfg.data_dir) / "val").is_dir() else "test"
     return load_aligned(cfg.data_dir, split, cfg.image_size or 256)
 
 

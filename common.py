@@ -130,7 +130,7 @@ def setup(cfg):
     """Pick the device, join DDP under torchrun, seed per rank, TF32; return (device, autocast)."""
     avail = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
     if cfg.device == "auto":
-        cfg.device = "cuda" if avail["cuda"] else "mps" if avail["mps"] else "cpu"
+        cfg.device = next(d for d in ("cuda", "mps", "cpu") if avail[d])
     if not avail.get(cfg.device):
         die(f"--device {cfg.device} is unknown or not available here (auto, cpu, cuda, mps)")
     device = torch.device(cfg.device)
@@ -216,7 +216,9 @@ def load_images(cfg, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     crop = [T.CenterCrop(178)] if cfg.dataset == "celeba" else []  # the usual aligned-face crop
     size = cfg.image_size or size
     tf = T.Compose(crop + [T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
-    split = {"train": train} if cls != "CelebA" else {"split": "train" if train else "test"}
+    split = {"train": train}  # CelebA names its splits
+    if cls == "CelebA":
+        split = {"split": "train" if train else "test"}
     new_dirs = [d for d in [root / where, *(root / where).parents] if not d.exists()]
     try:
         ds = getattr(torchvision.datasets, cls)(root, **split, transform=tf, download=cfg.download)
@@ -374,8 +376,10 @@ class Loop:
     boundary and stops (a second signal exits at once)."""
 
     def __init__(self, cfg, data: Batches, start_step: int):
-        self.cfg, self.data, self.sums, self.n, self.step0 = cfg, data, {}, 0, start_step
-        self.t0, self.first, self.flag = time.time(), True, False
+        self.cfg, self.data = cfg, data
+        self.flag = False  # set by a signal
+        self.sums, self.n = {}, 0  # losses since the last log line
+        self.t0, self.step0, self.first = time.time(), start_step, True  # the img/s clock
         signal.signal(signal.SIGINT, self.handle)
         signal.signal(signal.SIGTERM, self.handle)
 
@@ -416,7 +420,8 @@ class Loop:
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             with open(Path(cfg.out) / "log.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **vals, "img_s": round(ips, 1), "t": now}) + "\n")
-        self.sums, self.n, self.t0, self.step0, self.first = {}, 0, now, step, False
+        self.sums, self.n = {}, 0
+        self.t0, self.step0, self.first = now, step, False
 
     def aside(self, fn, *args, **kwargs):
         """Run a side job (a picture) off the img/s clock and on forked random streams (so that a

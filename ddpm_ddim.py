@@ -517,4 +517,7 @@ if __name__ == "__main__":
     if not (cfg.sample or cfg.nll):
         train(cfg)
     elif os.environ.get("RANK", "0") == "0":  # sampling and --nll run in one process
-        sample(cfg) if cfg.sample else nll(cfg)
+        if cfg.sample:
+            sample(cfg)
+        else:
+            nll(cfg)

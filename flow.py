@@ -384,17 +384,21 @@ def model_args(cfg: Config, in_ch: int, size: int) -> dict:
     """The flow's constructor arguments (saved as model_args), with --levels, --depth, --width
     resolved; an image size the squeezes cannot take is a one-line error."""
     glow = cfg.arch == "glow"
-    # Glow squeezes at the start of every level; RealNVP's last level has no squeeze
-    squeezes = cfg.levels - (not glow) if cfg.levels else (3 if size % 8 == 0 else 2)
+    # squeezes: as many as the size allows, up to 3 (Glow squeezes at every level, RealNVP not
+    # at its last)
+    squeezes = 3 if size % 8 == 0 else 2
+    if cfg.levels:
+        squeezes = cfg.levels - (not glow)
     if size % 2**squeezes:
         common.die(
             f"image size {size} cannot be squeezed {squeezes} times (each halves it): use "
             f"an --image-size divisible by {2**squeezes}, or fewer --levels"
         )
-    if cfg.tiny:  # 0 means the default of the architecture and size
-        depth, width = cfg.depth or (4 if glow else 2), cfg.width or 32
+    if cfg.tiny:
+        depth, width = (4, 32) if glow else (2, 32)
     else:
-        depth, width = cfg.depth or (32 if glow else 3), cfg.width or (512 if glow else 64)
+        depth, width = (32, 512) if glow else (3, 64)
+    depth, width = cfg.depth or depth, cfg.width or width  # 0: the architecture's default
     levels = squeezes + (not glow)
     flow = dict(in_ch=in_ch, size=size, levels=levels, depth=depth, width=width)
     return {"flow": dict(flow, arch=cfg.arch, lu=cfg.lu)}
@@ -554,4 +558,7 @@ if __name__ == "__main__":
     if not (cfg.sample or cfg.nll):
         train(cfg)
     elif os.environ.get("RANK", "0") == "0":  # sampling and --nll run in one process
-        sample(cfg) if cfg.sample else nll(cfg)
+        if cfg.sample:
+            sample(cfg)
+        else:
+            nll(cfg)

@@ -125,7 +125,8 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, K=512, D=64, beta=0.25, ema=False, decay=0.99, dead_threshold=1.0, eps=1e-5):
         super().__init__()
-        self.K, self.D, self.beta, self.ema = K, D, beta, ema
+        self.K, self.D = K, D
+        self.beta, self.ema = beta, ema
         self.decay, self.dead_threshold, self.eps = decay, dead_threshold, eps
         embed = torch.randn(K, D)
         if ema:  # e_i = m_i / N_i, both running averages (App. A.1)
@@ -533,7 +534,10 @@ if __name__ == "__main__":
     check_flags(cfg)
     if cfg.sample or cfg.eval:
         if os.environ.get("RANK", "0") == "0":  # sampling and evaluation run in one process
-            sample(cfg) if cfg.sample else evaluate(cfg)
+            if cfg.sample:
+                sample(cfg)
+            else:
+                evaluate(cfg)
     elif cfg.stage == "prior":
         train_prior(cfg)
     else:
