@@ -415,10 +415,7 @@ def train(cfg: Config):
     loop = common.Loop(cfg, data, start)
     if common.rank() == 0:
         n = sum(p.numel() for p in model.parameters()) / 1e6
-        print(
-            f"ddpm_ddim: {n:.2f}M params, {len(x)} images {tuple(x.shape[1:])}, {device}, "
-            f"from step {start}"
-        )
+        print(f"ddpm_ddim: {n:.2f}M params, images {tuple(x.shape)}, {device}, from step {start}")
     for step in range(start, cfg.steps):
         done = step + 1
         lr = cfg.lr * min(1.0, done / warmup)  # linear warmup, from the step alone

@@ -523,6 +523,7 @@ def sample(cfg: Config):
     for i in range(0, cfg.sample, cfg.batch_size):
         n = min(cfg.batch_size, cfg.sample - i)
         xs.append(model.inverse(n=n, temperature=cfg.temperature, generator=g))
+        print(f"sampled {i + n}/{cfg.sample}", flush=True)
     common.save_samples(cfg.out, to_images(torch.cat(xs), cfg.n_bits, cfg.arch, cfg.alpha))
     print(
         f"wrote {cfg.sample} samples (T={cfg.temperature}) to {cfg.out}/samples.npz and samples.png"
