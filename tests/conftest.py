@@ -38,7 +38,7 @@ def fake_mnist(tmp_path):
 
 def run(script, *args, check=True, timeout=300, env=None):
     """Run a repository script as a user would; on failure show its output. A string of flags,
-    "--steps 4 --tiny", is split on spaces."""
+    "--steps 4 --tiny", is split on spaces (a path never starts with "-")."""
     args = [w for a in args for w in (a.split() if isinstance(a, str) and a[:1] == "-" else [a])]
     e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     p = subprocess.run(
@@ -62,3 +62,15 @@ def assert_one_line_error(p, *words):
     assert "Traceback" not in p.stderr + p.stdout
     for w in words:
         assert w in lines[0], (w, lines[0])
+
+
+def torchrun(module, *args):
+    """Train as MODULE.py would, under `torchrun --nproc_per_node=2` (gloo on CPU), through
+    tests/ddp_worker.py, which saves each rank's weights to <out>/rank{r}.pt."""
+    args = [w for a in args for w in (a.split() if isinstance(a, str) and a[:1] == "-" else [a])]
+    worker = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [sys.executable, *worker, str(ROOT / "tests" / "ddp_worker.py"), module, *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p

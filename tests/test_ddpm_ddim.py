@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA, assert_one_line_error, run
+from conftest import ROOT, SHARED_DATA, assert_one_line_error, run, torchrun
 
 import ddpm_ddim as D
 
@@ -437,33 +437,9 @@ def test_sigterm_saves_at_a_step_boundary_and_exits_zero(fake_mnist, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_gloo_ranks_stay_identical(fake_mnist, tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "tests" / "ddp_worker.py"),
-        "ddpm_ddim",
-        *TINY,
-        "--data-dir",
-        str(fake_mnist),
-        "--out",
-        str(out),
-        "--steps",
-        "3",
-        "--ckpt-every",
-        "2",
-    ]
-    p = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    p = torchrun(
+        "ddpm_ddim", *TINY, "--steps 3 --ckpt-every 2 --data-dir", fake_mnist, "--out", out
     )
-    assert p.returncode == 0, p.stdout + p.stderr
     w0, w1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # replicas bit-identical after 3 steps
     assert sorted(x.name for x in out.iterdir()) == ["ckpt.pt", "log.jsonl", "rank0.pt", "rank1.pt"]

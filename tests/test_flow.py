@@ -4,14 +4,11 @@ the CLI."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA, assert_one_line_error, run
+from conftest import SHARED_DATA, assert_one_line_error, run, torchrun
 
 import flow as Fl
 
@@ -328,33 +325,7 @@ def test_levels_the_size_cannot_take_are_a_one_line_error(capsys):
 def test_ddp_two_gloo_ranks_start_from_one_actnorm_init_and_stay_identical(fake_mnist, tmp_path):
     """Each rank runs ActNorm's data-dependent init on its own batch; DDP's broadcast must leave
     every rank with rank 0's, and the replicas identical after training steps."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "tests" / "ddp_worker.py"),
-        "flow",
-        *TINY,
-        "--sample-every",
-        "0",
-        "--data-dir",
-        str(fake_mnist),
-        "--out",
-        str(tmp_path),
-        "--steps",
-        "3",
-    ]
-    p = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert p.returncode == 0, p.stdout + p.stderr
+    torchrun("flow", *TINY, "--sample-every 0 --steps 3 --data-dir", fake_mnist, "--out", tmp_path)
     w0, w1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(w0[k], w1[k]) for k in w0), [
         k for k in w0 if not torch.equal(w0[k], w1[k])

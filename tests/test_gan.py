@@ -3,15 +3,12 @@ that learns a 2-D Gaussian, then the CLI."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT, assert_one_line_error, run
+from conftest import assert_one_line_error, run, torchrun
 
 import gan
 
@@ -194,35 +191,14 @@ def test_ddp_two_gloo_ranks_keep_G_and_D_identical(fake_mnist, tmp_path):
     DDP: both ranks end with the same G and D weights (BatchNorm's running statistics are each
     rank's own between DDP's broadcasts, and are not compared). G's EMA starts from rank 0's
     init too, as DDP's replicas do."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "tests" / "ddp_worker.py"),
+    torchrun(
         "gan",
         *TINY,
-        "--sample-every",
-        "0",
-        "--data-dir",
-        str(fake_mnist),
+        "--sample-every 0 --steps 3 --ema 0.9 --data-dir",
+        fake_mnist,
         "--out",
-        str(tmp_path),
-        "--steps",
-        "3",
-        "--ema",
-        "0.9",
-    ]
-    p = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        tmp_path,
     )
-    assert p.returncode == 0, p.stdout + p.stderr
     w0, w1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert any(k.startswith("1.") for k in w0) and any(k.startswith("2.") for k in w0)  # D, EMA
     assert all(torch.equal(w0[k], w1[k]) for k in w0 if "running" not in k), [

@@ -2,15 +2,12 @@
 causality, then the two-stage CLI, DDP and learning."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, SHARED_DATA, assert_one_line_error, run
+from conftest import SHARED_DATA, assert_one_line_error, run, torchrun
 
 import vqvae as Q
 
@@ -187,32 +184,7 @@ def test_cli_bad_input(fake_mnist, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_gloo_ranks_keep_one_codebook(fake_mnist, tmp_path):
     """EMA statistics and dead-code restarts are summed/broadcast over ranks: replicas agree."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "tests" / "ddp_worker.py"),
-        "vqvae",
-        *TINY,
-        "--ema",
-        "--data-dir",
-        str(fake_mnist),
-        "--out",
-        str(tmp_path),
-        "--steps",
-        "3",
-    ]
-    p = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert p.returncode == 0, p.stdout + p.stderr
+    torchrun("vqvae", *TINY, "--ema --steps 3 --data-dir", fake_mnist, "--out", tmp_path)
     w0, w1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(w0[k], w1[k]) for k in w0), [
         k for k in w0 if not torch.equal(w0[k], w1[k])
