@@ -29,6 +29,11 @@ def test_help_exits_0_and_every_flag_has_help(script):
         for f in dataclasses.fields(cls):
             assert helps.get(f.name), f"{script}.py --{f.name} has no help"
             assert f"--{f.name.replace('_', '-')}" in p.stdout
+    else:  # hand-written parsers: an option line without text is followed by its indented help
+        lines = p.stdout.split("options:")[1].splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("  -") and "  " not in line.strip():
+                assert lines[i + 1].startswith(" " * 20), f"{script}.py: {line.strip()} has no help"
 
 
 def test_field_help_survives_a_wrapped_line(tmp_path, monkeypatch):
