@@ -180,17 +180,22 @@ SETS = {  # --dataset: (torchvision class, where its files go under --data-dir, 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def load_folder(path: str, size: int):
-    """A flat folder of images (one class, label 0), or one subfolder of images per class."""
-    from PIL import Image
-    from torchvision.transforms import functional as TF
-
+def folder_files(path: str) -> list:
+    """[(image path, label)] of a flat folder (label 0) or of one subfolder per class."""
     images = lambda d: sorted(p for p in Path(d).iterdir() if p.suffix.lower() in IMAGE_EXTS)
     if not Path(path).is_dir():
         die(f"--dataset folder:{path}: no such folder")
     classes = [d for d in sorted(Path(path).iterdir()) if d.is_dir() and images(d)]
     files = [(f, 0) for f in images(path)]  # a flat folder wins over subfolders
-    files = files or [(f, i) for i, d in enumerate(classes) for f in images(d)]
+    return files or [(f, i) for i, d in enumerate(classes) for f in images(d)]
+
+
+def load_folder(path: str, size: int):
+    """A flat folder of images (one class, label 0), or one subfolder of images per class."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    files = folder_files(path)
     if not files:
         die(f"no images in {path} (give a folder of images, or one subfolder of images per class)")
     try:
@@ -349,9 +354,9 @@ def load_state(module, state, what="model"):
         die(f"checkpoint does not fit the {what} (other flags, e.g. --tiny, --image-size?): {msg}")
 
 
-def resume(cfg, data: Batches, need=()) -> dict:
-    """Load <out>/ckpt.pt, restore the data position and this rank's RNG streams; return it."""
-    ck = load_ckpt(Path(cfg.out) / "ckpt.pt", {"data", "rng", *need})
+def resume(cfg, data: Batches, need=(), name="ckpt.pt") -> dict:
+    """Load <out>/<name>, restore the data position and this rank's RNG streams; return it."""
+    ck = load_ckpt(Path(cfg.out) / name, {"data", "rng", *need})
     data.load_state_dict(ck["data"])
     if len(ck["rng"]) == world():  # another world size cannot replay the same streams
         s = ck["rng"][rank()]
@@ -375,8 +380,8 @@ class Loop:
     writes checkpoints, and turns SIGINT/SIGTERM into a flag: the loop saves at the next step
     boundary and stops (a second signal exits at once)."""
 
-    def __init__(self, cfg, data: Batches, start_step: int):
-        self.cfg, self.data = cfg, data
+    def __init__(self, cfg, data: Batches, start_step: int, name="ckpt.pt"):
+        self.cfg, self.data, self.name = cfg, data, name  # the checkpoint: <out>/<name>
         self.flag = False  # set by a signal
         self.sums, self.n = {}, 0  # losses since the last log line
         self.t0, self.step0, self.first = time.time(), start_step, True  # the img/s clock
@@ -443,11 +448,11 @@ class Loop:
         if stop or due(step, self.cfg.ckpt_every, self.cfg.steps):
             self.checkpoint(step, **state)
         if stop and rank() == 0:
-            print(f"stopped by signal at step {step}; saved {self.cfg.out}/ckpt.pt", flush=True)
+            print(f"stopped by signal at step {step}; saved {self.cfg.out}/{self.name}", flush=True)
         return stop
 
     def checkpoint(self, step: int, **state):
-        """Write <out>/ckpt.pt: `state` (modules and optimizers as state dicts), step, data
+        """Write <out>/<name>: `state` (modules and optimizers as state dicts), step, data
         position, every rank's RNG, config. A non-finite loss or weight stops the run first
         (exit 1), so a nan never replaces a good checkpoint. Collective under DDP."""
         cfg = self.cfg
@@ -474,4 +479,4 @@ class Loop:
             dist.all_gather_object(rngs, rng)
         if rank() == 0:
             ck = dict(state, step=step, data=self.data.state_dict(), rng=rngs)
-            save_ckpt(Path(cfg.out) / "ckpt.pt", dict(ck, config=dataclasses.asdict(cfg)))
+            save_ckpt(Path(cfg.out) / self.name, dict(ck, config=dataclasses.asdict(cfg)))

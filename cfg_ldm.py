@@ -1,0 +1,1045 @@
+"""
+Guided and latent diffusion: classifier guidance (Dhariwal & Nichol 2021, arXiv:2105.05233),
+classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598), latent diffusion with
+cross-attention (Rombach et al. 2022, arXiv:2112.10752).
+
+A KL-regularised autoencoder maps images to a small latent (28x28 digits -> 4x7x7); a U-Net
+learns eps_theta(z_t, t, context) on the scaled latents with L_simple, cross-attending to the
+context tokens of a class label or a caption (SpatialTransformer: self-attention, cross-attention,
+feed-forward). Guidance steers sampling toward the condition:
+  CFG         eps = eps_u + s (eps_c - eps_u)                  (Ho & Salimans Eq. 6, s = w + 1)
+  classifier  eps = eps_u - s sqrt(1 - alpha_bar_t) grad log p(y | z_t)   (Dhariwal & Nichol Eq. 14)
+Scale convention: s = 1 is the conditional model, s = 0 the unconditional one; the CFG paper's w is
+s - 1. CFG needs one network trained with a null context (--p-uncond); classifier guidance needs a
+second, noise-aware network and its gradient at every step. DDIM samples, the decoder decodes.
+Images live in [-1, 1]. Left out on purpose: the AE's perceptual and GAN losses (L1 + L2 only),
+LDM's GEGLU feed-forward (a GELU MLP here), pretrained text encoders (ours trains from scratch).
+
+  python cfg_ldm.py --stage ae                       # 1. the autoencoder (and its scale factor)
+  python cfg_ldm.py --stage ldm --cond class         # 2. the latent U-Net, class tokens, CFG
+  python cfg_ldm.py --stage classifier               # 3. (optional) a noisy classifier
+  python cfg_ldm.py --sample 100 --guidance 3        # 10 classes, DDIM-50, CFG s = 3
+  python cfg_ldm.py --sample 2500 --sweep 0,1,2,3,5,7 # one samples.npz per scale + guidance.png
+  python cfg_ldm.py --sample 100 --guide classifier --guidance 5
+  python cfg_ldm.py --stage ldm --cond text --out runs/t2i --data-dir ../shared/data  # captions
+  python cfg_ldm.py --sample 20 --out runs/t2i --prompt "a thick 4|a thin seven"
+  python cfg_ldm.py --stage ldm --pixel --out runs/pixel   # the same U-Net on pixels, no AE
+Add --tiny for CPU-sized networks (README: measured recipes and results).
+
+Load the trained networks with their classes alone:
+  ck = torch.load("runs/cfg_ldm/ckpt.pt")
+  ldm, ae = LDM(**ck["model_args"]["ldm"]), AutoencoderKL(**ck["model_args"]["ae"])
+  ldm.load_state_dict(ck["ema"]); ae.load_state_dict(ck["ae"])
+"""
+
+import dataclasses
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+# -----------------------------------------------------------------------------
+# config
+@dataclasses.dataclass
+class Config(common.Config):
+    stage: str = "ae"  # ae | ldm | classifier; each writes its own file in --out (ae.pt,
+    # ckpt.pt, classifier.pt); ldm and classifier need ae.pt unless --pixel
+    cond: str = "class"  # ldm: none | class | text (captions: mnist's built in, or a folder's
+    # metadata.jsonl)
+    pixel: bool = False  # ldm/classifier on pixels instead of latents (no AE)
+    steps: int = 20000  # optimizer steps of this stage
+    # autoencoder (LDM's KL-f4: z_ch x H/f x W/f latents)
+    f: int = 4  # downsampling factor, a power of 2
+    z_ch: int = 4  # latent channels
+    ae_ch: int = 64  # AE width; --tiny: 16
+    kl_weight: float = 1e-6  # weight of the KL term against L1 + L2 (summed over pixels)
+    # latent U-Net (transformer blocks at the two lower levels)
+    ch: int = 128  # base channels; --tiny: 32
+    ch_mult: str = "1,2,2"  # channel multiplier per level
+    num_res_blocks: int = 2  # per level; --tiny: 1
+    heads: int = 4  # attention heads
+    ctx_dim: int = 256  # context token width; --tiny: 64
+    text_layers: int = 2  # caption encoder's transformer layers
+    max_len: int = 48  # caption bytes kept (longer captions are cut)
+    p_uncond: float = 0.1  # CFG: probability of training with the null context
+    dropout: float = 0.0  # in every ResBlock
+    # diffusion and optimisation
+    T: int = 1000  # diffusion steps
+    schedule: str = "scaled_linear"  # scaled_linear (LDM: sqrt beta 0.00085..0.012) | linear
+    # (DDPM: 1e-4..0.02)
+    warmup: int = 1000  # linear LR warmup steps, capped at 5% of --steps
+    grad_clip: float = 1.0  # max gradient norm
+    ema_decay: float = 0.9999  # EMA of the U-Net and context encoder; samples come from it
+    # sampling
+    sample_steps: int = 50  # DDIM steps K
+    eta: float = 0.0  # DDIM noise: 0 deterministic, 1 = DDPM posterior variance
+    guide: str = "cfg"  # cfg | classifier (needs classifier.pt; on the unconditional model)
+    guidance: float = 3.0  # scale s: 1 = conditional, 0 = unconditional (CFG's w = s - 1)
+    sweep: str = ""  # e.g. 0,1,2,3,5,7: --sample N per scale into <out>/sweep/s<S>/, same noise,
+    # and <out>/guidance.png
+    labels: str = ""  # --sample, class models: labels to cycle (default 0-9)
+    prompt: str = ""  # --sample, text models: prompts split on |, or a file with one per line
+    # (default: the run's held-out test prompts)
+
+
+# -----------------------------------------------------------------------------
+# model: blocks
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps, as the Transformer's: (B,) -> (B, dim)."""
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2 - 1))
+    args = t.float()[:, None] * freqs[None]  # (B, dim/2)
+    return torch.cat([args.sin(), args.cos()], dim=1)
+
+
+def norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, c), c)  # 32 groups (fewer for --tiny widths)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, + time embedding (when tdim > 0), GroupNorm-SiLU-dropout-conv, skip."""
+
+    def __init__(self, cin: int, cout: int, tdim: int = 0, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(tdim, cout) if tdim else None
+        self.norm2, self.drop = norm(cout), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # the block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, temb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.temb is not None:
+            h = h + self.temb(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1)
+        return self.skip(x) + self.conv2(self.drop(F.silu(self.norm2(h))))
+
+
+class Attention(nn.Module):
+    """Multi-head attention: queries from x, keys and values from ctx (x itself: self-attention).
+    mask (B, L): True marks a context token to attend to (padding is False)."""
+
+    def __init__(self, dim: int, ctx_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(ctx_dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, ctx, mask=None):
+        B, N, D = x.shape
+        q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, h, N, D/h)
+        kv = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        m = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L): over keys only
+        h = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=m)  # (B, h, N, D/h)
+        return self.out(h.transpose(1, 2).reshape(B, N, D))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the context (if ctx_dim), feed-forward: LDM's
+    BasicTransformerBlock (with a GELU MLP for its GEGLU)."""
+
+    def __init__(self, dim: int, heads: int, ctx_dim: int = 0):
+        super().__init__()
+        self.norm1, self.attn1 = nn.LayerNorm(dim), Attention(dim, dim, heads)
+        self.norm2, self.attn2 = (
+            nn.LayerNorm(dim),
+            Attention(dim, ctx_dim, heads) if ctx_dim else None,
+        )
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, ctx=None, mask=None, self_mask=None):
+        h = self.norm1(x)
+        x = x + self.attn1(h, h, self_mask)
+        if self.attn2 is not None:
+            x = x + self.attn2(self.norm2(x), ctx, mask)  # keys and values: the context tokens
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """LDM's cross-attention layer: pixels as tokens through a TransformerBlock, residual;
+    proj_out starts at zero, so the layer starts as the identity."""
+
+    def __init__(self, c: int, ctx_dim: int, heads: int):
+        super().__init__()
+        self.norm, self.proj_in = norm(c), nn.Conv2d(c, c, 1)
+        self.block = TransformerBlock(c, heads, ctx_dim)
+        self.proj_out = nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x, ctx, mask):
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, C)
+        h = self.block(h, ctx, mask).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class ResAttn(nn.Module):
+    """A ResBlock, then (at the attention levels) a SpatialTransformer."""
+
+    def __init__(self, cin, cout, tdim, dropout, ctx_dim, heads, attn: bool):
+        super().__init__()
+        self.res = ResBlock(cin, cout, tdim, dropout)
+        self.attn = SpatialTransformer(cout, ctx_dim, heads) if attn else None
+
+    def forward(self, x, temb, ctx, mask):
+        h = self.res(x, temb)
+        return h if self.attn is None else self.attn(h, ctx, mask)
+
+
+class Downsample(nn.Conv2d):
+    def __init__(self, c: int):
+        super().__init__(c, c, 3, stride=2, padding=1)
+
+    def forward(self, x, *cond):
+        return super().forward(x)
+
+
+class Upsample(nn.Conv2d):
+    def __init__(self, c: int):
+        super().__init__(c, c, 3, padding=1)
+
+    def forward(self, x, size):  # to the skip's size: 4 -> 7 on a 7x7 latent
+        return super().forward(F.interpolate(x, size=tuple(size), mode="nearest"))
+
+
+# -----------------------------------------------------------------------------
+# model: the networks
+class UNet(nn.Module):
+    """eps_theta(z_t, t, ctx): (B, in_ch, H, W), (B,) steps, (B, L, ctx_dim) tokens, (B, L) mask
+    -> (B, out_ch, H, W). LDM's U-Net: ResBlocks, SpatialTransformers at `attn_levels`."""
+
+    def __init__(
+        self,
+        in_ch=4,
+        out_ch=4,
+        ch=128,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attn_levels=(1, 2),
+        heads=4,
+        ctx_dim=256,
+        dropout=0.0,
+    ):
+        super().__init__()
+        self.ch, tdim = ch, 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.down, self.up = nn.ModuleList(), nn.ModuleList()
+        blk = lambda cin, cout, lvl: ResAttn(cin, cout, tdim, dropout, ctx_dim, heads, lvl)
+        skips, c = [ch], ch
+        for i, m in enumerate(ch_mult):  # encoder: every output is kept for a skip connection
+            for _ in range(num_res_blocks):
+                self.down.append(blk(c, ch * m, i in attn_levels))
+                c = ch * m
+                skips.append(c)
+            if i < len(ch_mult) - 1:
+                self.down.append(Downsample(c))
+                skips.append(c)
+        self.mid = nn.ModuleList([blk(c, c, True), blk(c, c, False)])
+        for i, m in reversed(list(enumerate(ch_mult))):  # decoder: one more block per level
+            for _ in range(num_res_blocks + 1):
+                self.up.append(blk(c + skips.pop(), ch * m, i in attn_levels))
+                c = ch * m
+            if i > 0:
+                self.up.append(Upsample(c))
+        self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, out_ch, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)  # eps_theta starts at 0
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x, t, ctx, mask=None):
+        temb = self.temb(timestep_embedding(t, self.ch))  # (B, 4ch)
+        hs = [self.conv_in(x)]
+        for blk in self.down:
+            hs.append(blk(hs[-1], temb, ctx, mask))
+        h = hs[-1]
+        for blk in self.mid:
+            h = blk(h, temb, ctx, mask)
+        for blk in self.up:
+            if isinstance(blk, Upsample):
+                h = blk(h, hs[-1].shape[-2:])
+            else:
+                h = blk(torch.cat([h, hs.pop()], 1), temb, ctx, mask)
+        return self.out(h)
+
+
+def tokenize(texts, max_len: int = 48) -> torch.Tensor:
+    """Captions -> (B, max_len) ids: a start token 1, then UTF-8 bytes + 2, cut at max_len,
+    padded with 0. Any string works; there is no vocabulary file."""
+    ids = torch.zeros(len(texts), max_len, dtype=torch.long)
+    for i, s in enumerate(texts):
+        b = [1] + [v + 2 for v in s.encode("utf-8")][: max_len - 1]
+        ids[i, : len(b)] = torch.tensor(b)
+    return ids
+
+
+class Conditioner(nn.Module):
+    """The context tokens the U-Net cross-attends to, and CFG's learned null context.
+    kind none: the null token only; class: the label as one learned token; text: a byte-level
+    transformer over the caption, trained with the U-Net from scratch."""
+
+    def __init__(self, kind="class", dim=256, n_classes=10, layers=2, heads=4, max_len=48):
+        super().__init__()
+        self.kind, self.max_len = kind, max_len
+        self.null = nn.Parameter(torch.randn(1, 1, dim) * 0.02)  # the null context, one token
+        if kind == "class":
+            self.emb = nn.Embedding(n_classes, dim)
+        if kind == "text":
+            self.emb = nn.Embedding(258, dim)  # padding, start, 256 byte values
+            self.pos = nn.Parameter(torch.randn(1, max_len, dim) * 0.02)
+            self.blocks = nn.ModuleList([TransformerBlock(dim, heads) for _ in range(layers)])
+            self.norm = nn.LayerNorm(dim)
+
+    def forward(self, c, drop=None):
+        """c: (B,) labels or (B, L) token ids; drop: (B,) bool, True takes the null context.
+        Returns ctx (B, L, dim) and mask (B, L), True where a token may be attended to."""
+        B = len(c)
+        if self.kind == "none":
+            return self.null.expand(B, 1, -1), torch.ones(B, 1, dtype=torch.bool, device=c.device)
+        if self.kind == "class":
+            ctx, mask = self.emb(c)[:, None], torch.ones(B, 1, dtype=torch.bool, device=c.device)
+        else:
+            mask = c > 0  # the start token is never padding, so no row is empty
+            ctx = self.emb(c) + self.pos[:, : c.shape[1]]  # (B, L, dim)
+            for blk in self.blocks:
+                ctx = blk(ctx, self_mask=mask)
+            ctx = self.norm(ctx)
+        if drop is None:
+            return ctx, mask
+        null = F.pad(self.null, (0, 0, 0, ctx.shape[1] - 1)).expand(B, -1, -1)  # (B, L, dim)
+        first = torch.zeros_like(mask)
+        first[:, 0] = True  # the null context is one token; the rest is padding
+        ctx = torch.where(drop[:, None, None], null.to(ctx.dtype), ctx)  # null always in the graph
+        return ctx, torch.where(drop[:, None], first, mask)
+
+
+class LDM(nn.Module):
+    """The trained pair: context encoder and U-Net; `ldm(z_t, t, c, drop)` -> eps."""
+
+    def __init__(self, unet: dict, cond: dict):
+        super().__init__()
+        self.unet, self.cond = UNet(**unet), Conditioner(**cond)
+
+    def forward(self, x, t, c, drop=None):
+        return self.unet(x, t, *self.cond(c, drop))
+
+
+class AutoencoderKL(nn.Module):
+    """LDM's first stage (KL-f): conv encoder -> mean and log-variance of a z_ch x H/f x W/f
+    latent; conv decoder back to pixels. `scale_factor` (1/std of the latents, measured after
+    training) maps latents to unit variance for the diffusion model."""
+
+    def __init__(self, in_ch=1, ch=64, z_ch=4, f=4):
+        super().__init__()
+        enc = [nn.Conv2d(in_ch, ch, 3, padding=1)]
+        dec = [nn.Conv2d(z_ch, ch, 3, padding=1), ResBlock(ch, ch)]
+        for _ in range(int(math.log2(f))):
+            enc += [ResBlock(ch, ch), nn.Conv2d(ch, ch, 3, stride=2, padding=1)]  # H -> H/2
+            dec += [
+                nn.Upsample(scale_factor=2.0),
+                nn.Conv2d(ch, ch, 3, padding=1),
+                ResBlock(ch, ch),
+            ]
+        enc += [ResBlock(ch, ch), norm(ch), nn.SiLU(), nn.Conv2d(ch, 2 * z_ch, 3, padding=1)]
+        dec += [norm(ch), nn.SiLU(), nn.Conv2d(ch, in_ch, 3, padding=1)]
+        self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
+        self.register_buffer("scale_factor", torch.ones(()))
+
+    def encode(self, x):
+        mean, logvar = self.encoder(x).chunk(2, dim=1)  # (B, z_ch, H/f, W/f) each
+        return mean, logvar.clamp(-30.0, 20.0)  # as LDM's DiagonalGaussianDistribution
+
+    def decode(self, z):
+        return self.decoder(z)
+
+    def to_latent(self, x, generator=None):
+        """z ~ q(z | x), scaled: the diffusion model's x_0."""
+        mean, logvar = self.encode(x)
+        noise = torch.randn(mean.shape, device=x.device, generator=generator)
+        return self.scale_factor * (mean + (0.5 * logvar).exp() * noise)
+
+    def from_latent(self, z):
+        return self.decode(z / self.scale_factor)
+
+
+class NoisyClassifier(nn.Module):
+    """p(y | x_t, t): the U-Net's encoder half with the time embedding, mean-pooled, linear
+    (Dhariwal & Nichol's classifier, with mean pooling for their attention pooling)."""
+
+    def __init__(self, in_ch=4, ch=64, ch_mult=(1, 2, 2), n_classes=10):
+        super().__init__()
+        self.ch, tdim = ch, 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.blocks, c = nn.ModuleList(), ch
+        for i, m in enumerate(ch_mult):
+            self.blocks.append(ResBlock(c, ch * m, tdim))
+            c = ch * m
+            if i < len(ch_mult) - 1:
+                self.blocks.append(Downsample(c))
+        self.head = nn.Sequential(norm(c), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(c, n_classes)
+
+    def forward(self, x, t):
+        temb, h = self.temb(timestep_embedding(t, self.ch)), self.conv_in(x)
+        for blk in self.blocks:
+            h = blk(h, temb)
+        return self.fc(self.head(h))  # (B, n_classes) logits
+
+
+# -----------------------------------------------------------------------------
+# method: schedule, losses, guidance, DDIM
+def make_schedule(T: int = 1000, kind: str = "scaled_linear", device=None) -> dict:
+    """betas, alpha_bar and log alpha_bar, computed in float64 and stored as float32."""
+    if kind == "scaled_linear":  # LDM: linear in sqrt(beta), 0.00085 .. 0.012
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float64) ** 2
+    elif kind == "linear":  # Ho et al.: 1e-4 .. 0.02
+        betas = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown schedule {kind!r}")
+    log_alpha_bar = torch.cumsum(torch.log1p(-betas), 0)
+    s = dict(betas=betas, alpha_bar=log_alpha_bar.exp(), log_alpha_bar=log_alpha_bar)
+    return {k: v.float().to(device) for k, v in s.items()}
+
+
+def at(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """a[t] shaped (B, 1, 1, 1) to broadcast against x."""
+    return a[t].view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+def q_sample(s: dict, x0, t, eps):
+    """x_t ~ q(x_t | x_0) in closed form (DDPM Eq. 4)."""
+    return at(s["alpha_bar"], t, x0).sqrt() * x0 + (1 - at(s["alpha_bar"], t, x0)).sqrt() * eps
+
+
+def gaussian_kl(mean, logvar):
+    """KL(N(mean, e^logvar) || N(0, I)) per image, summed over latent dims, in nats."""
+    return 0.5 * (mean**2 + logvar.exp() - 1 - logvar).flatten(1).sum(1)
+
+
+def ae_loss(ae, x, kl_weight: float):
+    """LDM's first-stage loss without the perceptual and GAN terms: L1 + L2 reconstruction summed
+    over pixels, plus kl_weight * KL; mean over the batch. Returns (loss, rec, kl)."""
+    mean, logvar = ae.encode(x)
+    x_rec = ae.decode(mean + (0.5 * logvar).exp() * torch.randn_like(mean))
+    err = (x_rec.float() - x).flatten(1)
+    rec = (err.abs() + err**2).sum(1).mean()
+    kl = gaussian_kl(mean.float(), logvar.float()).mean()
+    return rec + kl_weight * kl, rec, kl
+
+
+def ldm_loss(model, s: dict, z0, c, p_uncond: float):
+    """L_simple (DDPM Eq. 14) on latents, with the context dropped to the null context with
+    probability p_uncond (Ho & Salimans Alg. 1), so one network learns eps_c and eps_u."""
+    t = torch.randint(0, len(s["betas"]), (len(z0),), device=z0.device)
+    eps = torch.randn_like(z0)
+    drop = torch.rand(len(z0), device=z0.device) < p_uncond
+    return F.mse_loss(model(q_sample(s, z0, t, eps), t, c, drop).float(), eps)
+
+
+def cfg_eps(unet, x, t, ctx, mask, null_ctx, null_mask, s: float):
+    """Classifier-free guidance: eps_u + s (eps_c - eps_u). s = 1 is the conditional model alone,
+    s = 0 the unconditional alone; otherwise both in one doubled batch."""
+    if s == 1:
+        return unet(x, t, ctx, mask)
+    if s == 0:
+        return unet(x, t, null_ctx, null_mask)
+    both = unet(
+        torch.cat([x, x]),
+        torch.cat([t, t]),
+        torch.cat([ctx, null_ctx]),
+        torch.cat([mask, null_mask]),
+    )
+    eps_c, eps_u = both.chunk(2)
+    return eps_u + s * (eps_c - eps_u)
+
+
+def classifier_eps(sched: dict, eps, x, t, log_p, s: float):
+    """Classifier guidance for DDIM (Dhariwal & Nichol Sec. 4.2, Eq. 14): the score of p(y | x_t)
+    joins eps as eps - s sqrt(1 - alpha_bar_t) grad_x log p(y | x_t). log_p(x, t) -> (B,)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        grad = torch.autograd.grad(log_p(x, t).sum(), x)[0]
+    return eps - s * (1 - at(sched["alpha_bar"], t, x)).sqrt() * grad
+
+
+def ddim_step(s: dict, eps, xt, t: int, t_prev: int, eta: float, clip: bool, noise=None):
+    """One DDIM update (Song et al. Eq. 12) from t to t_prev (-1: to x_0), scalars in float64 from
+    log alpha_bar in forms where nothing cancels (as ddim_step in ddpm_ddim.py). Latents are not
+    clipped (they are not bounded); pixels are clipped to [-1, 1]."""
+    la = s["log_alpha_bar"][t].item()
+    la_prev = s["log_alpha_bar"][t_prev].item() if t_prev >= 0 else 0.0
+    one_m, one_m_prev = -math.expm1(la), -math.expm1(la_prev)  # 1 - alpha_bar
+    ratio = -math.expm1(la - la_prev)  # 1 - alpha_bar_t / alpha_bar_prev
+    x0 = (xt - math.sqrt(one_m) * eps) / math.exp(la / 2)
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        eps = (xt - math.exp(la / 2) * x0) / math.sqrt(one_m)
+    sigma = eta * math.sqrt(one_m_prev / one_m * ratio)  # Eq. 16
+    dir2 = one_m_prev / one_m * (math.exp(la - la_prev) * one_m_prev + (1 - eta**2) * ratio)
+    x = math.exp(la_prev / 2) * x0 + math.sqrt(max(dir2, 0.0)) * eps
+    return x + sigma * noise if eta > 0 else x
+
+
+@torch.no_grad()
+def ddim_sample(eps_fn, s: dict, x_T, steps=50, eta=0.0, clip=False, generator=None):
+    """DDIM with `steps` evenly spaced timesteps from T-1 down to 0; eps_fn(x, t) is the
+    (guided) noise prediction."""
+    T = len(s["betas"])
+    ts = torch.linspace(0, T - 1, steps).round().long().tolist() if steps > 1 else [T - 1]
+    x = x_T
+    for t, t_prev in zip(reversed(ts), reversed([-1] + ts[:-1])):
+        eps = eps_fn(x, torch.full((len(x),), t, device=x.device, dtype=torch.long))
+        noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else None
+        x = ddim_step(s, eps, x, t, t_prev, eta, clip, noise)
+    return x
+
+
+# -----------------------------------------------------------------------------
+# data: captions for digits (label + stroke thickness) or from a folder's metadata.jsonl
+WORDS = "zero one two three four five six seven eight nine".split()
+HELD_OUT = ["thick" if d % 2 == 0 else "thin" for d in range(10)]  # numeral + this: test only
+
+
+def ink(x_u8: torch.Tensor) -> torch.Tensor:
+    """Stroke thickness as total ink: mean brightness in [0, 1] per image."""
+    return x_u8.float().flatten(1).mean(1) / 255
+
+
+def ink_tertiles(x_u8, y) -> torch.Tensor:
+    """(10, 2): per digit, the ink levels splitting thin / plain / thick into thirds."""
+    q = torch.tensor([1 / 3, 2 / 3])
+    return torch.stack([torch.quantile(ink(x_u8[y == d]), q) for d in range(10)])
+
+
+def thickness(x_u8, y, tertiles) -> torch.Tensor:
+    """0 thin, 1 plain, 2 thick, by the digit's tertiles (captions and scoring alike)."""
+    lo, hi = tertiles[y].unbind(1)
+    v = ink(x_u8)
+    return (v > lo).long() + (v > hi).long()
+
+
+def digit_caption(d: int, a: int, r: float) -> str:
+    """A caption for digit d of thickness a, phrased by r in [0, 1). The held-out combinations
+    (a numeral with HELD_OUT[d]) are never made: those prompts test composition."""
+    attr = ("thin", "", "thick")[a]
+    name = str(d) if r < 0.5 and attr != HELD_OUT[d] else WORDS[d]
+    if not attr:
+        return f"the digit {name}" if r % 0.5 < 0.25 else f"a {name}"
+    return f"a {attr} {name}" if r % 0.5 < 0.25 else f"the {attr} digit {name}"
+
+
+def prompt_digit_and_attr(p: str) -> tuple[int, int]:
+    """The digit a prompt names (-1 if none) and its thickness word (0 thin, 1 none, 2 thick)."""
+    words = re.findall(r"[a-z]+|\d", p.lower())
+    digits = [WORDS.index(w) if w in WORDS else int(w) for w in words if w in WORDS or w.isdigit()]
+    attr = 0 if "thin" in words else 1
+    return (digits[0] if digits else -1), (2 if "thick" in words else attr)
+
+
+def folder_captions(path: str) -> list[str]:
+    """Captions of a folder's images, in load order, from its metadata.jsonl (Hugging Face
+    imagefolder: {"file_name": ..., "text": ...} per line)."""
+    root = Path(path)
+    meta = root / "metadata.jsonl"
+    if not meta.is_file():
+        common.die(f"--cond text needs captions: no {meta} ({{'file_name': ..., 'text': ...}})")
+    try:
+        rows = [json.loads(line) for line in open(meta) if line.strip()]
+        text = {r["file_name"]: str(r["text"]) for r in rows}
+    except (ValueError, KeyError, TypeError) as e:
+        common.die(f"{meta}: each line must be JSON with file_name and text ({e})")
+    files = [str(f.relative_to(root)) for f, _ in common.folder_files(path)]
+    missing = [f for f in files if f not in text]
+    if missing:
+        common.die(f"{meta} has no caption for {len(missing)} images, e.g. {missing[0]}")
+    return [text[f] for f in files]
+
+
+# -----------------------------------------------------------------------------
+# training: one function per stage, each with its own checkpoint
+def levels(cfg: Config) -> tuple:
+    try:
+        return tuple(int(v) for v in cfg.ch_mult.split(","))
+    except ValueError:
+        common.die(f"--ch-mult {cfg.ch_mult!r}: comma-separated integers, e.g. 1,2,2")
+
+
+def ae_args(cfg: Config, in_ch: int, size: int) -> dict:
+    if cfg.f < 1 or cfg.f & (cfg.f - 1) or size % cfg.f:
+        common.die(f"--f {cfg.f} must be a power of 2 dividing the image size {size}")
+    return {"ae": dict(in_ch=in_ch, ch=16 if cfg.tiny else cfg.ae_ch, z_ch=cfg.z_ch, f=cfg.f)}
+
+
+def ldm_args(cfg: Config, ch: int, n_classes: int) -> dict:
+    """The LDM's constructor arguments (U-Net on `ch` input channels, and the context encoder)."""
+    width, blocks, dim = (32, 1, 64) if cfg.tiny else (cfg.ch, cfg.num_res_blocks, cfg.ctx_dim)
+    mult = levels(cfg)
+    attn = tuple(range(1, len(mult)))  # the lower levels: 7x7 -> (4, 2) on f4 latents of digits
+    unet = dict(in_ch=ch, out_ch=ch, ch=width, ch_mult=mult, num_res_blocks=blocks)
+    unet |= dict(attn_levels=attn, heads=cfg.heads, ctx_dim=dim, dropout=cfg.dropout)
+    cond = dict(kind=cfg.cond, dim=dim, n_classes=n_classes, layers=cfg.text_layers)
+    return {"ldm": dict(unet=unet, cond=dict(cond, heads=cfg.heads, max_len=cfg.max_len))}
+
+
+def check_flags(cfg: Config):
+    """A flag outside its set or range of values is a one-line error, before any work."""
+    sets = [("stage", ("ae", "ldm", "classifier")), ("cond", ("none", "class", "text"))]
+    sets += [("guide", ("cfg", "classifier")), ("schedule", ("scaled_linear", "linear"))]
+    for name, allowed in sets:
+        if getattr(cfg, name) not in allowed:
+            common.die(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    for name, lo in [("steps", 0), ("batch_size", 1), ("T", 2), ("sample", 0), ("guidance", 0)]:
+        if getattr(cfg, name) < lo:
+            common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
+    if not 1 <= cfg.sample_steps <= cfg.T:
+        common.die(f"--sample-steps {cfg.sample_steps}: must be between 1 and T={cfg.T}")
+    if not 0 <= cfg.p_uncond <= 1:
+        common.die(f"--p-uncond {cfg.p_uncond}: must be between 0 and 1")
+    levels(cfg)
+
+
+def begin(cfg: Config):
+    """What every stage starts with: device, the training split, resumable batches of indices
+    (the stage looks up images, latents, labels and captions by index)."""
+    device, autocast = common.setup(cfg)
+    x, y = common.load_images(cfg, train=True)
+    data = common.Batches(x, torch.arange(len(x)), cfg.batch_size, cfg.seed, device)
+    return device, autocast, x, y.to(device), data
+
+
+def restore(cfg: Config, data, name: str, modules: dict) -> int:
+    """--resume: the stage's checkpoint into `modules` ({key: module or optimizer}), the data
+    position and RNG (after the networks are built, so init draws nothing); the step to go on."""
+    if not cfg.resume:
+        return 0
+    ck = common.resume(cfg, data, need=tuple(modules), name=name)
+    for k, m in modules.items():
+        common.load_state(m, ck[k], k)
+    return ck["step"]
+
+
+def load_ae(cfg: Config, device, ck=None):
+    """(autoencoder, its model_args) of <out>/ae.pt, or of the copy in ckpt.pt (`ck`)."""
+    if not ck:
+        path = Path(cfg.out) / "ae.pt"
+        if not path.is_file():
+            common.die(f"--stage {cfg.stage} needs the autoencoder: run --stage ae first ({path})")
+        ae_ck = common.load_ckpt(path, need=("model", "model_args", "image_shape"))
+        ck = dict(ae_ck, ae=ae_ck["model"])
+    args = ck["model_args"]["ae"]
+    ae = AutoencoderKL(**args).to(device).eval().requires_grad_(False)
+    common.load_state(ae, ck["ae"], "autoencoder")
+    return ae, dict(args, image_shape=ck["image_shape"])
+
+
+def first_stage(cfg: Config, device, x_u8, ck=None):
+    """(autoencoder or None for --pixel, its model_args, the diffusion model's input shape)."""
+    if cfg.pixel:
+        return None, None, list(x_u8.shape[1:])
+    ae, args = load_ae(cfg, device, ck)
+    if list(x_u8.shape[1:]) != args["image_shape"]:
+        shape = "x".join(map(str, args["image_shape"]))
+        common.die(f"the autoencoder in {cfg.out} was trained on {shape} images, not these")
+    f = args["f"]
+    return ae, args, [args["z_ch"], x_u8.shape[2] // f, x_u8.shape[3] // f]
+
+
+@torch.no_grad()
+def latent_scale(ae, x_u8, device, n=2000) -> float:
+    """LDM's scale_factor: 1 / std of latents z ~ q(z | x) of (up to n) training images."""
+    ae.scale_factor.fill_(1.0)
+    x = x_u8[:n]
+    z = torch.cat([ae.to_latent(to_float(x[i : i + 500], device)) for i in range(0, len(x), 500)])
+    return 1.0 / z.float().std().item()
+
+
+def to_float(x_u8, device):
+    return x_u8.to(device).float() / 127.5 - 1  # [0, 255] -> [-1, 1]
+
+
+@torch.no_grad()
+def save_reconstructions(ae, x, path):
+    """Test images (odd rows) over their reconstructions (even rows)."""
+    k = min(8, len(x))
+    x = x[: len(x) // k * k]
+    rec = ae.decode(ae.encode(x)[0]).clamp(-1, 1)
+    rows = torch.stack([x.view(-1, k, *x.shape[1:]), rec.view(-1, k, *x.shape[1:])], 1)
+    common.save_grid(rows.flatten(0, 2), path, nrow=k)  # (rows, 2, k, C, H, W) -> images
+
+
+@torch.no_grad()
+def psnr(ae, x_u8, device) -> float:
+    """Mean PSNR in dB of decode(mean of q(z | x)) on images in [0, 1]."""
+    vals = []
+    for i in range(0, len(x_u8), 500):
+        x = to_float(x_u8[i : i + 500], device)
+        mse = ((ae.decode(ae.encode(x)[0]).clamp(-1, 1) - x) / 2).square().flatten(1).mean(1)
+        vals.append(-10 * torch.log10(mse.clamp(min=1e-10)))
+    return torch.cat(vals).mean().item()
+
+
+def train_ae(cfg: Config):
+    """Stage ae: the autoencoder by ae_loss; each checkpoint measures the scale factor."""
+    device, autocast, x, y, data = begin(cfg)
+    args = ae_args(cfg, x.shape[1], x.shape[-1])
+    ae = AutoencoderKL(**args["ae"]).to(device)
+    opt = torch.optim.AdamW(ae.parameters(), cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
+    start = restore(cfg, data, "ae.pt", dict(model=ae, opt=opt))
+    net = common.wrap(ae, cfg, device)
+    x_test = to_float(common.load_images(cfg, train=False)[0][:32], device)
+    loop = common.Loop(cfg, data, start, name="ae.pt")
+    if common.rank() == 0:
+        n = sum(p.numel() for p in ae.parameters()) / 1e6
+        shape = (cfg.z_ch, x.shape[2] // cfg.f, x.shape[3] // cfg.f)
+        print(f"cfg_ldm: stage ae, {n:.2f}M params, images {tuple(x.shape)} -> latents {shape}")
+    for step in range(start, cfg.steps):
+        done = step + 1
+
+        # forward and backward
+        xb = to_float(x[next(data)[1].cpu()], device)
+        with autocast:
+            loss, rec, kl = ae_loss(net, xb, cfg.kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+        # update
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
+        opt.step()
+
+        # log
+        loop.add(loss=loss, rec=rec, kl=kl)
+        if common.due(done, cfg.log_every, cfg.steps, first=start + 1):
+            loop.log(done)
+
+        # checkpoint, with the scale factor of the weights it holds
+        if loop.flag or common.due(done, cfg.ckpt_every, cfg.steps):
+            ae.scale_factor.fill_(latent_scale(ae, x, device))
+        state = dict(model=ae, opt=opt, model_args=args, image_shape=list(x.shape[1:]))
+        if loop.end_step(done, **state, scale_factor=ae.scale_factor.item()):
+            break
+
+        # sample a fixed-noise grid: reconstructions of fixed test images
+        if cfg.sample_every and common.due(done, cfg.sample_every, cfg.steps, first=200):
+            if common.rank() == 0:
+                path = Path(cfg.out) / f"recon_{done:06d}.png"
+                loop.aside(save_reconstructions, ae, x_test, path)
+    if common.rank() == 0 and done == cfg.steps:
+        x_t = common.load_images(cfg, train=False)[0]
+        print(
+            f"test PSNR {psnr(ae, x_t, device):.2f} dB, scale_factor {ae.scale_factor.item():.4f}"
+        )
+    return ae
+
+
+def conditions(cfg: Config, x_u8, y):
+    """What the context is made from: labels, or for text a caption maker; and the stage state
+    the checkpoint keeps for sampling (tertiles, held-out test prompts)."""
+    if cfg.cond != "text":
+        return None, {}
+    if cfg.dataset.startswith("folder:"):
+        caps = folder_captions(cfg.dataset[len("folder:") :])
+        return (lambda idx, r: [caps[i] for i in idx.tolist()]), {"test_prompts": caps[:100]}
+    if cfg.dataset != "mnist":
+        common.die(f"--cond text: no built-in captions for {cfg.dataset}; use folder:PATH")
+    tert = ink_tertiles(x_u8, y.cpu())
+    a = thickness(x_u8, y.cpu(), tert)
+    make = lambda idx, r: [digit_caption(int(y[i]), int(a[i]), v) for i, v in zip(idx.tolist(), r)]
+    prompts = [f"a {HELD_OUT[d]} {d}" for d in range(10)]
+    return make, {"test_prompts": prompts, "tertiles": tert.tolist()}
+
+
+def context_input(cfg_cond, captions, idx, y, device, max_len):
+    """The conditioner's input for a batch of indices: labels or caption token ids."""
+    if cfg_cond != "text":
+        return y[idx]
+    r = torch.rand(len(idx)).tolist()  # the phrasing of each caption, from the training RNG
+    return tokenize(captions(idx, r), max_len).to(device)
+
+
+def train_ldm(cfg: Config):
+    """Stage ldm: the U-Net and context encoder by ldm_loss on scaled latents (or pixels)."""
+    device, autocast, x, y, data = begin(cfg)
+    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt") if cfg.resume else {}  # its own AE copy
+    ae, ae_a, shape = first_stage(cfg, device, x, ck if "ae" in ck else None)
+    n_classes = max(int(y.max()) + 1, 10 if cfg.dataset == "mnist" else 1)
+    args = ldm_args(cfg, shape[0], n_classes)
+    if ae is not None:
+        args["ae"] = {k: v for k, v in ae_a.items() if k != "image_shape"}
+    captions, extra = conditions(cfg, x, y)
+    model = LDM(**args["ldm"]).to(device)
+    ema = common.EMA(model, cfg.ema_decay)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=0.0, fused=fused)
+    start = restore(cfg, data, "ckpt.pt", dict(model=model, ema=ema.module, opt=opt))
+    net = common.wrap(model, cfg, device)
+    sched = make_schedule(cfg.T, cfg.schedule, device=device)
+    stats = encode_all(ae, x, device) if ae is not None else None
+    g = torch.Generator().manual_seed(cfg.seed)  # the fixed noise and prompts of every grid
+    grid_c = torch.arange(60) % 10
+    if cfg.cond == "text":
+        prompts = extra["test_prompts"]
+        grid_c = tokenize([prompts[i % len(prompts)] for i in range(60)], cfg.max_len)
+    x_T = torch.randn(60, *shape, generator=g).to(device)
+    if ae is not None:
+        extra |= dict(ae=ae, scale_factor=ae.scale_factor.item(), image_shape=ae_a["image_shape"])
+    warmup = max(1, min(cfg.warmup, cfg.steps // 20))
+    loop = common.Loop(cfg, data, start)
+    if common.rank() == 0:
+        n = sum(p.numel() for p in model.parameters()) / 1e6
+        space = "pixels" if cfg.pixel else "latents"
+        print(f"cfg_ldm: stage ldm, {n:.2f}M params, cond {cfg.cond}, {space} {tuple(shape)}")
+    for step in range(start, cfg.steps):
+        done = step + 1
+        lr = cfg.lr * min(1.0, done / warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+        # forward and backward: z_0 ~ q(z | x) scaled (or x_0), its context, L_simple
+        xb, idx = next(data)
+        x0 = xb if ae is None else draw_latents(ae, stats, idx)
+        c = context_input(cfg.cond, captions, idx, y, device, cfg.max_len)
+        with autocast:
+            loss = ldm_loss(net, sched, x0, c, cfg.p_uncond)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+        # update
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema.update(model, step)
+
+        # log
+        loop.add(loss=loss)
+        if common.due(done, cfg.log_every, cfg.steps, first=start + 1):
+            loop.log(done, lr=lr)
+
+        # checkpoint (the autoencoder goes along: ckpt.pt alone samples)
+        state = dict(model=model, ema=ema.module, opt=opt, model_args=args, shape=shape)
+        if loop.end_step(done, **state, **extra):
+            break
+
+        # sample a fixed-noise grid (CFG s = 3, fixed labels or prompts)
+        if cfg.sample_every and common.due(done, cfg.sample_every, cfg.steps, first=200):
+            if common.rank() == 0:
+                s = 1.0 if cfg.cond == "none" else 3.0
+                path = Path(cfg.out) / f"samples_{done:06d}.png"
+                c = grid_c.to(device)
+                loop.aside(save_sample_grid, ema.module, ae, sched, x_T, c, s, autocast, path)
+    return model, ema.module
+
+
+def encode_all(ae, x_u8, device):
+    """q(z | x) of every training image, once: (mean, std) on the device."""
+    with torch.no_grad():
+        stats = [ae.encode(to_float(x_u8[i : i + 500], device)) for i in range(0, len(x_u8), 500)]
+    return torch.cat([m for m, _ in stats]), torch.cat([(0.5 * lv).exp() for _, lv in stats])
+
+
+def draw_latents(ae, stats, idx):
+    """x_0 of the diffusion model: z ~ q(z | x) of the indexed images, times the scale factor."""
+    mean, std = stats[0][idx], stats[1][idx]
+    return ae.scale_factor * (mean + std * torch.randn_like(mean))
+
+
+def train_classifier(cfg: Config):
+    """Stage classifier: p(y | x_t, t) by cross-entropy on noised latents (or pixels) at t ~ U."""
+    device, autocast, x, y, data = begin(cfg)
+    ae, _, shape = first_stage(cfg, device, x)
+    width, n_classes = (32 if cfg.tiny else 64), int(y.max()) + 1
+    args = {"classifier": dict(in_ch=shape[0], ch=width, ch_mult=levels(cfg), n_classes=n_classes)}
+    clf = NoisyClassifier(**args["classifier"]).to(device)
+    opt = torch.optim.AdamW(clf.parameters(), cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
+    start = restore(cfg, data, "classifier.pt", dict(model=clf, opt=opt))
+    net = common.wrap(clf, cfg, device)
+    sched = make_schedule(cfg.T, cfg.schedule, device=device)
+    stats = encode_all(ae, x, device) if ae is not None else None
+    loop = common.Loop(cfg, data, start, name="classifier.pt")
+    if common.rank() == 0:
+        n = sum(p.numel() for p in clf.parameters()) / 1e6
+        print(f"cfg_ldm: stage classifier, {n:.2f}M params, inputs {tuple(shape)}")
+    for step in range(start, cfg.steps):
+        done = step + 1
+
+        # forward and backward: x_t ~ q(x_t | x_0) at a random t, then cross-entropy
+        xb, idx = next(data)
+        x0 = xb if ae is None else draw_latents(ae, stats, idx)
+        t = torch.randint(0, cfg.T, (len(x0),), device=device)
+        with autocast:
+            logits = net(q_sample(sched, x0, t, torch.randn_like(x0)), t).float()
+        loss = F.cross_entropy(logits, y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+        # update
+        torch.nn.utils.clip_grad_norm_(clf.parameters(), cfg.grad_clip)
+        opt.step()
+
+        # log
+        loop.add(loss=loss, acc=(logits.argmax(1) == y[idx]).float().mean())
+        if common.due(done, cfg.log_every, cfg.steps, first=start + 1):
+            loop.log(done)
+
+        # checkpoint (with the space it classifies, checked against ckpt.pt at sampling)
+        space = dict(pixel=cfg.pixel, scale_factor=1.0 if ae is None else ae.scale_factor.item())
+        if loop.end_step(done, model=clf, opt=opt, model_args=args, **space):
+            break
+    return clf
+
+
+# -----------------------------------------------------------------------------
+# sampling: guided DDIM, then the decoder
+def guided_eps(model, ctx, mask, null_ctx, null_mask, s, autocast, sched=None, log_p=None):
+    """eps(x, t) for the sampler: CFG at scale s; or, given log_p(x, t) = log p(y | x_t), the
+    unconditional prediction with classifier guidance at scale s."""
+
+    def f(x, t):
+        with autocast:
+            if log_p is None:
+                return cfg_eps(model.unet, x, t, ctx, mask, null_ctx, null_mask, s).float()
+            eps = model.unet(x, t, null_ctx, null_mask).float()
+        return classifier_eps(sched, eps, x, t, log_p, s)
+
+    return f
+
+
+@torch.no_grad()
+def generate(model, ae, sched, x_T, c, s, autocast, steps=50, eta=0.0, clf=None, y=None, g=None):
+    """Images in [-1, 1] from noise x_T and conditions c (labels or token ids)."""
+    ctx, mask = model.cond(c)
+    null_ctx, null_mask = model.cond(c, torch.ones(len(c), dtype=torch.bool, device=c.device))
+    log_p = None
+    if clf is not None:  # log p(y | x_t) of the noisy classifier, per image
+        log_p = lambda x, t: clf(x, t).float().log_softmax(1).gather(1, y[:, None])[:, 0]
+    eps = guided_eps(model, ctx, mask, null_ctx, null_mask, s, autocast, sched, log_p)
+    z = ddim_sample(eps, sched, x_T, steps, eta, clip=ae is None, generator=g)
+    return z if ae is None else ae.from_latent(z).clamp(-1, 1)
+
+
+def save_sample_grid(model, ae, sched, x_T, c, s, autocast, path):
+    """The EMA model's DDIM-50 samples at guidance s from fixed noise and conditions."""
+    common.save_grid(generate(model, ae, sched, x_T, c, s, autocast), path, nrow=10)
+
+
+def load_trained(cfg: Config):
+    """(EMA LDM, autoencoder or None, schedule, checkpoint, device, autocast) of <out>/ckpt.pt,
+    rebuilt from its model_args: no training flag has to be repeated."""
+    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt", need=("ema", "model_args"))
+    device, autocast = common.setup(cfg)
+    model = LDM(**ck["model_args"]["ldm"]).to(device).eval()
+    common.load_state(model, ck["ema"])
+    ae = load_ae(cfg, device, ck)[0] if "ae" in ck else None
+    sched = make_schedule(ck["config"]["T"], ck["config"]["schedule"], device=device)
+    return model, ae, sched, ck, device, autocast
+
+
+def load_classifier(cfg: Config, ck: dict, device):
+    """The noisy classifier of <out>/classifier.pt, checked to share ckpt.pt's input space."""
+    path = Path(cfg.out) / "classifier.pt"
+    if not path.is_file():
+        common.die(f"--guide classifier needs {path}: run --stage classifier first")
+    cc = common.load_ckpt(path, need=("model", "model_args", "scale_factor"))
+    same = cc["pixel"] == ("ae" not in ck)
+    if not same or abs(cc["scale_factor"] - ck.get("scale_factor", 1.0)) > 1e-6:
+        common.die(f"{path} was trained on other inputs than ckpt.pt (pixels vs another AE)")
+    clf = NoisyClassifier(**cc["model_args"]["classifier"]).to(device).eval()
+    common.load_state(clf, cc["model"], "classifier")
+    return clf.requires_grad_(False)
+
+
+def sampling_conditions(cfg: Config, ck: dict, kind: str, n_classes: int):
+    """(c, labels, thickness words) of the N samples: cycled labels, or cycled prompts."""
+    idx = torch.arange(cfg.sample)
+    if kind == "text":
+        prompts = ck.get("test_prompts", [])
+        if cfg.prompt:
+            path = Path(cfg.prompt)
+            text = path.read_text() if path.is_file() else cfg.prompt.replace("|", "\n")
+            prompts = [p.strip() for p in text.splitlines() if p.strip()]
+        if not prompts:
+            common.die("--prompt: give at least one prompt")
+        prompts = [prompts[i % len(prompts)] for i in idx.tolist()]
+        named = [prompt_digit_and_attr(p) for p in prompts]
+        labels = torch.tensor([d for d, _ in named])
+        ids = tokenize(prompts, ck["model_args"]["ldm"]["cond"]["max_len"])
+        return ids, labels, [a for _, a in named]
+    if cfg.prompt:
+        common.die(f"--prompt needs a text model; this one has --cond {kind}")
+    try:
+        wanted = [int(v) for v in cfg.labels.split(",")] if cfg.labels else list(range(n_classes))
+    except ValueError:
+        common.die(f"--labels {cfg.labels!r}: comma-separated integers")
+    if not all(0 <= v < n_classes for v in wanted):
+        common.die(f"--labels {cfg.labels}: this model has classes 0-{n_classes - 1}")
+    labels = torch.tensor(wanted)[idx % len(wanted)]
+    return labels, (labels if kind == "class" or cfg.guide == "classifier" else None), None
+
+
+def sample(cfg: Config):
+    """--sample N: N images per guidance scale into samples.npz (arr_1: the labels asked for, or
+    the digit each prompt names) and samples.png; --sweep adds guidance.png."""
+    model, ae, sched, ck, device, autocast = load_trained(cfg)
+    kind, n_classes = model.cond.kind, ck["model_args"]["ldm"]["cond"]["n_classes"]
+    c, y, attrs = sampling_conditions(cfg, ck, kind, n_classes)
+    clf = load_classifier(cfg, ck, device) if cfg.guide == "classifier" else None
+    if clf is not None and (y is None or (y < 0).any()):
+        common.die("--guide classifier needs a digit in every prompt")
+    try:
+        scales = [float(v) for v in cfg.sweep.split(",")] if cfg.sweep else [cfg.guidance]
+    except ValueError:
+        common.die(f"--sweep {cfg.sweep!r}: comma-separated scales, e.g. 0,1,2,3,5,7")
+    if min(scales) < 0:
+        common.die(f"--sweep {cfg.sweep}: scales must be at least 0")
+    blocks = []
+    for s in scales:
+        g = torch.Generator(device).manual_seed(cfg.seed)  # the same noise at every scale
+        xs = []
+        for i in range(0, cfg.sample, cfg.batch_size):
+            ci = c[i : i + cfg.batch_size].to(device)
+            yi = None if y is None else y[i : i + cfg.batch_size].to(device)
+            x_T = torch.randn(len(ci), *ck["shape"], device=device, generator=g)
+            steps = (cfg.sample_steps, cfg.eta)
+            x = generate(model, ae, sched, x_T, ci, s, autocast, *steps, clf, yi, g)
+            xs.append(x.cpu())
+            print(f"scale {s:g}: sampled {i + len(ci)}/{cfg.sample}", flush=True)
+        x = torch.cat(xs)
+        out = Path(cfg.out) / "sweep" / f"s{s:g}" if cfg.sweep else Path(cfg.out)
+        common.save_samples(out, x, y, nrow=10 if kind == "class" else None)
+        row = {"scale": s, "guide": cfg.guide, "n": cfg.sample, "step": ck["step"]}
+        if attrs is not None and "tertiles" in ck:  # thin/thick by the captions' own measure
+            u8 = ((x + 1) * 127.5).round()
+            got = thickness(u8, y.clamp(min=0), torch.tensor(ck["tertiles"]))
+            asked = torch.tensor(attrs)
+            scored = (asked != 1) & (y >= 0)  # prompts that name a digit and a thickness
+            if scored.any():
+                row["attr_acc"] = round((got == asked)[scored].float().mean().item(), 4)
+        print(json.dumps(row))
+        blocks += [x[:40], torch.zeros(10, *x.shape[1:])]  # 4 rows of 10, then a blank row
+        print(f"wrote {cfg.sample} samples ({cfg.guide}, s={s:g}) to {out}/samples.npz, .png")
+    if cfg.sweep:
+        common.save_grid(torch.cat(blocks[:-1]), Path(cfg.out) / "guidance.png", nrow=10)
+        print(f"wrote {cfg.out}/guidance.png: a block per scale ({cfg.sweep}), same noise")
+
+
+def train(cfg: Config):
+    """Train --stage ae, ldm or classifier."""
+    return {"ae": train_ae, "ldm": train_ldm, "classifier": train_classifier}[cfg.stage](cfg)
+
+
+if __name__ == "__main__":
+    cfg = common.parse(Config, "cfg_ldm")
+    check_flags(cfg)
+    if not cfg.sample:
+        train(cfg)
+    elif os.environ.get("RANK", "0") == "0":  # sampling runs in one process
+        sample(cfg)
