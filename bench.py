@@ -7,6 +7,7 @@ Speed: training and sampling throughput of each model file, optionally beside pe
   python bench.py --models vae,vqvae --peers --image-size 28 --channels 1  # + vector-quantize
   python bench.py --models gan --image-size 28 --channels 1       # gan.py and cgan_pix2pix.py
   python bench.py --models flow --image-size 28 --channels 1      # flow.py: Glow, RealNVP
+  python bench.py --models cfg_ldm --image-size 28 --channels 1   # latent vs pixel U-Net
 
 Training img/s: one full optimizer step as the training loop runs it (loss under autocast,
 backward, grad clip, AdamW, EMA update) on a batch already on the device, timed after warm-up
@@ -376,8 +377,41 @@ def bench_flow(args, device, autocast):
     return rows, []
 
 
+def bench_cfg_ldm(args, device, autocast):
+    """cfg_ldm.py's class-conditional U-Net, one Adam step on pixels and on the f-4 latents of
+    the same images (from cached q(z | x) statistics as its loop trains, and with the encoder
+    run on every batch as LDM's code does); sampling is CFG DDIM-50 (doubled batch), decoded."""
+    import cfg_ldm as L
+
+    cfg, S, C, B = L.Config(tiny=args.tiny), args.image_size, args.channels, args.batch_size
+    ae = L.AutoencoderKL(**L.ae_args(cfg, C, S)["ae"]).to(device).eval().requires_grad_(False)
+    x, y = torch.rand(B, C, S, S, device=device) * 2 - 1, torch.randint(0, 10, (B,), device=device)
+    sched, rows = L.make_schedule(1000, device=device), []
+    kinds = [
+        ("pixels", C, S, None),
+        ("latents", 4, S // 4, None),
+        ("latents + encoder", 4, S // 4, ae),
+    ]
+    for name, ch, res, enc in kinds:
+        torch.manual_seed(0)
+        net = L.LDM(**L.ldm_args(cfg, ch, 10)["ldm"]).to(device)
+        x0 = x if ch == C else torch.randn(B, ch, res, res, device=device)
+        loss = lambda m, x0, enc=enc: L.ldm_loss(m, sched, enc.to_latent(x) if enc else x0, y, 0.1)
+        rate = train_rate(net, loss, x0, args, device, autocast)
+        x_T = torch.randn(args.sample_batch, ch, res, res, device=device)
+        dec = None if ch == C else ae
+        gen = (net.eval(), dec, sched, x_T, y[: len(x_T)], 3.0, autocast, 50)
+        t = timed(lambda gen=gen: L.generate(*gen), device, 1)
+        row = {"model": f"cfg_ldm.LDM on {name}", "params_M": params(net), "train_img_s": rate}
+        rows.append(dict(row, cfg_ddim50_img_s=round(len(x_T) / t, 1)))
+    ratio = rows[1]["train_img_s"] / rows[0]["train_img_s"]
+    enc = rows[2]["train_img_s"] / rows[0]["train_img_s"]
+    return rows, [f"latents/pixels training: {ratio:.1f}x ({enc:.1f}x encoding every batch)"]
+
+
 BENCHES = {
     "ddpm_ddim": bench_ddpm,
+    "cfg_ldm": bench_cfg_ldm,
     "vae": bench_vae,
     "vqvae": bench_vqvae,
     "gan": bench_gan,

@@ -50,10 +50,8 @@ import common
 # config
 @dataclasses.dataclass
 class Config(common.Config):
-    stage: str = "ae"  # ae | ldm | classifier; each writes its own file in --out (ae.pt,
-    # ckpt.pt, classifier.pt); ldm and classifier need ae.pt unless --pixel
-    cond: str = "class"  # ldm: none | class | text (captions: mnist's built in, or a folder's
-    # metadata.jsonl)
+    stage: str = "ae"  # ae | ldm | classifier: into --out as ae.pt, ckpt.pt, classifier.pt
+    cond: str = "class"  # ldm: none | class | text (mnist's captions, or a folder's metadata.jsonl)
     pixel: bool = False  # ldm/classifier on pixels instead of latents (no AE)
     steps: int = 20000  # optimizer steps of this stage
     # autoencoder (LDM's KL-f4: z_ch x H/f x W/f latents)
@@ -73,8 +71,7 @@ class Config(common.Config):
     dropout: float = 0.0  # in every ResBlock
     # diffusion and optimisation
     T: int = 1000  # diffusion steps
-    schedule: str = "scaled_linear"  # scaled_linear (LDM: sqrt beta 0.00085..0.012) | linear
-    # (DDPM: 1e-4..0.02)
+    schedule: str = "scaled_linear"  # scaled_linear (LDM) | linear (DDPM)
     warmup: int = 1000  # linear LR warmup steps, capped at 5% of --steps
     grad_clip: float = 1.0  # max gradient norm
     ema_decay: float = 0.9999  # EMA of the U-Net and context encoder; samples come from it
@@ -83,11 +80,9 @@ class Config(common.Config):
     eta: float = 0.0  # DDIM noise: 0 deterministic, 1 = DDPM posterior variance
     guide: str = "cfg"  # cfg | classifier (needs classifier.pt; on the unconditional model)
     guidance: float = 3.0  # scale s: 1 = conditional, 0 = unconditional (CFG's w = s - 1)
-    sweep: str = ""  # e.g. 0,1,2,3,5,7: --sample N per scale into <out>/sweep/s<S>/, same noise,
-    # and <out>/guidance.png
+    sweep: str = ""  # e.g. 0,1,3: N samples per scale (same noise) in <out>/sweep/<guide>_s<S>/
     labels: str = ""  # --sample, class models: labels to cycle (default 0-9)
-    prompt: str = ""  # --sample, text models: prompts split on |, or a file with one per line
-    # (default: the run's held-out test prompts)
+    prompt: str = ""  # --sample, text: prompts split on |, or a file of lines (default: held out)
 
 
 # -----------------------------------------------------------------------------
@@ -104,9 +99,10 @@ def norm(c: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, + time embedding (when tdim > 0), GroupNorm-SiLU-dropout-conv, skip."""
+    """GroupNorm-SiLU-conv, + time embedding (tdim > 0), GroupNorm-SiLU-dropout-conv, skip; then
+    a SpatialTransformer over the context (ctx_dim > 0)."""
 
-    def __init__(self, cin: int, cout: int, tdim: int = 0, dropout: float = 0.0):
+    def __init__(self, cin: int, cout: int, tdim=0, dropout=0.0, ctx_dim=0, heads=4):
         super().__init__()
         self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.temb = nn.Linear(tdim, cout) if tdim else None
@@ -115,12 +111,14 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)  # the block starts as the identity
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.attn = SpatialTransformer(cout, ctx_dim, heads) if ctx_dim else None
 
-    def forward(self, x, temb=None):
+    def forward(self, x, temb=None, ctx=None, mask=None):
         h = self.conv1(F.silu(self.norm1(x)))
         if self.temb is not None:
             h = h + self.temb(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1)
-        return self.skip(x) + self.conv2(self.drop(F.silu(self.norm2(h))))
+        h = self.skip(x) + self.conv2(self.drop(F.silu(self.norm2(h))))
+        return h if self.attn is None else self.attn(h, ctx, mask)
 
 
 class Attention(nn.Module):
@@ -150,10 +148,8 @@ class TransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, ctx_dim: int = 0):
         super().__init__()
         self.norm1, self.attn1 = nn.LayerNorm(dim), Attention(dim, dim, heads)
-        self.norm2, self.attn2 = (
-            nn.LayerNorm(dim),
-            Attention(dim, ctx_dim, heads) if ctx_dim else None,
-        )
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, ctx_dim, heads) if ctx_dim else None
         self.norm3 = nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
@@ -182,19 +178,6 @@ class SpatialTransformer(nn.Module):
         h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, C)
         h = self.block(h, ctx, mask).transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)
-
-
-class ResAttn(nn.Module):
-    """A ResBlock, then (at the attention levels) a SpatialTransformer."""
-
-    def __init__(self, cin, cout, tdim, dropout, ctx_dim, heads, attn: bool):
-        super().__init__()
-        self.res = ResBlock(cin, cout, tdim, dropout)
-        self.attn = SpatialTransformer(cout, ctx_dim, heads) if attn else None
-
-    def forward(self, x, temb, ctx, mask):
-        h = self.res(x, temb)
-        return h if self.attn is None else self.attn(h, ctx, mask)
 
 
 class Downsample(nn.Conv2d):
@@ -236,7 +219,7 @@ class UNet(nn.Module):
         self.temb = nn.Sequential(nn.Linear(ch, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.down, self.up = nn.ModuleList(), nn.ModuleList()
-        blk = lambda cin, cout, lvl: ResAttn(cin, cout, tdim, dropout, ctx_dim, heads, lvl)
+        blk = lambda cin, cout, attn: ResBlock(cin, cout, tdim, dropout, ctx_dim * attn, heads)
         skips, c = [ch], ch
         for i, m in enumerate(ch_mult):  # encoder: every output is kept for a skip connection
             for _ in range(num_res_blocks):
@@ -345,11 +328,8 @@ class AutoencoderKL(nn.Module):
         dec = [nn.Conv2d(z_ch, ch, 3, padding=1), ResBlock(ch, ch)]
         for _ in range(int(math.log2(f))):
             enc += [ResBlock(ch, ch), nn.Conv2d(ch, ch, 3, stride=2, padding=1)]  # H -> H/2
-            dec += [
-                nn.Upsample(scale_factor=2.0),
-                nn.Conv2d(ch, ch, 3, padding=1),
-                ResBlock(ch, ch),
-            ]
+            up = nn.Upsample(scale_factor=2.0)
+            dec += [up, nn.Conv2d(ch, ch, 3, padding=1), ResBlock(ch, ch)]
         enc += [ResBlock(ch, ch), norm(ch), nn.SiLU(), nn.Conv2d(ch, 2 * z_ch, 3, padding=1)]
         dec += [norm(ch), nn.SiLU(), nn.Conv2d(ch, in_ch, 3, padding=1)]
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
@@ -454,13 +434,8 @@ def cfg_eps(unet, x, t, ctx, mask, null_ctx, null_mask, s: float):
         return unet(x, t, ctx, mask)
     if s == 0:
         return unet(x, t, null_ctx, null_mask)
-    both = unet(
-        torch.cat([x, x]),
-        torch.cat([t, t]),
-        torch.cat([ctx, null_ctx]),
-        torch.cat([mask, null_mask]),
-    )
-    eps_c, eps_u = both.chunk(2)
+    pairs = ((x, x), (t, t), (ctx, null_ctx), (mask, null_mask))
+    eps_c, eps_u = unet(*[torch.cat(p) for p in pairs]).chunk(2)  # one doubled batch
     return eps_u + s * (eps_c - eps_u)
 
 
@@ -703,6 +678,7 @@ def train_ae(cfg: Config):
         n = sum(p.numel() for p in ae.parameters()) / 1e6
         shape = (cfg.z_ch, x.shape[2] // cfg.f, x.shape[3] // cfg.f)
         print(f"cfg_ldm: stage ae, {n:.2f}M params, images {tuple(x.shape)} -> latents {shape}")
+    done = start
     for step in range(start, cfg.steps):
         done = step + 1
 
@@ -736,9 +712,8 @@ def train_ae(cfg: Config):
                 loop.aside(save_reconstructions, ae, x_test, path)
     if common.rank() == 0 and done == cfg.steps:
         x_t = common.load_images(cfg, train=False)[0]
-        print(
-            f"test PSNR {psnr(ae, x_t, device):.2f} dB, scale_factor {ae.scale_factor.item():.4f}"
-        )
+        scale = ae.scale_factor.item()
+        print(f"test PSNR {psnr(ae, x_t, device):.2f} dB, scale_factor {scale:.4f}")
     return ae
 
 
@@ -786,11 +761,11 @@ def train_ldm(cfg: Config):
     sched = make_schedule(cfg.T, cfg.schedule, device=device)
     stats = encode_all(ae, x, device) if ae is not None else None
     g = torch.Generator().manual_seed(cfg.seed)  # the fixed noise and prompts of every grid
-    grid_c = torch.arange(60) % 10
+    grid_c = torch.arange(40) % n_classes
     if cfg.cond == "text":
         prompts = extra["test_prompts"]
-        grid_c = tokenize([prompts[i % len(prompts)] for i in range(60)], cfg.max_len)
-    x_T = torch.randn(60, *shape, generator=g).to(device)
+        grid_c = tokenize([prompts[i % len(prompts)] for i in range(40)], cfg.max_len)
+    x_T = torch.randn(40, *shape, generator=g).to(device)
     if ae is not None:
         extra |= dict(ae=ae, scale_factor=ae.scale_factor.item(), image_shape=ae_a["image_shape"])
     warmup = max(1, min(cfg.warmup, cfg.steps // 20))
@@ -829,13 +804,14 @@ def train_ldm(cfg: Config):
         if loop.end_step(done, **state, **extra):
             break
 
-        # sample a fixed-noise grid (CFG s = 3, fixed labels or prompts)
+        # sample a fixed-noise grid (CFG s = 3, fixed labels or prompts, --sample-steps DDIM)
         if cfg.sample_every and common.due(done, cfg.sample_every, cfg.steps, first=200):
             if common.rank() == 0:
                 s = 1.0 if cfg.cond == "none" else 3.0
                 path = Path(cfg.out) / f"samples_{done:06d}.png"
                 c = grid_c.to(device)
-                loop.aside(save_sample_grid, ema.module, ae, sched, x_T, c, s, autocast, path)
+                grid = (ema.module, ae, sched, x_T, c, s, autocast, cfg.sample_steps, path)
+                loop.aside(save_sample_grid, *grid)
     return model, ema.module
 
 
@@ -926,9 +902,9 @@ def generate(model, ae, sched, x_T, c, s, autocast, steps=50, eta=0.0, clf=None,
     return z if ae is None else ae.from_latent(z).clamp(-1, 1)
 
 
-def save_sample_grid(model, ae, sched, x_T, c, s, autocast, path):
-    """The EMA model's DDIM-50 samples at guidance s from fixed noise and conditions."""
-    common.save_grid(generate(model, ae, sched, x_T, c, s, autocast), path, nrow=10)
+def save_sample_grid(model, ae, sched, x_T, c, s, autocast, steps, path):
+    """The EMA model's DDIM samples at guidance s from fixed noise and conditions."""
+    common.save_grid(generate(model, ae, sched, x_T, c, s, autocast, steps), path, nrow=10)
 
 
 def load_trained(cfg: Config):
@@ -958,7 +934,7 @@ def load_classifier(cfg: Config, ck: dict, device):
 
 
 def sampling_conditions(cfg: Config, ck: dict, kind: str, n_classes: int):
-    """(c, labels, thickness words) of the N samples: cycled labels, or cycled prompts."""
+    """(c, labels, thickness words, cycle length) of the N samples: cycled labels or prompts."""
     idx = torch.arange(cfg.sample)
     if kind == "text":
         prompts = ck.get("test_prompts", [])
@@ -968,11 +944,12 @@ def sampling_conditions(cfg: Config, ck: dict, kind: str, n_classes: int):
             prompts = [p.strip() for p in text.splitlines() if p.strip()]
         if not prompts:
             common.die("--prompt: give at least one prompt")
-        prompts = [prompts[i % len(prompts)] for i in idx.tolist()]
+        cycle = len(prompts)
+        prompts = [prompts[i % cycle] for i in idx.tolist()]
         named = [prompt_digit_and_attr(p) for p in prompts]
         labels = torch.tensor([d for d, _ in named])
         ids = tokenize(prompts, ck["model_args"]["ldm"]["cond"]["max_len"])
-        return ids, labels, [a for _, a in named]
+        return ids, labels, [a for _, a in named], cycle
     if cfg.prompt:
         common.die(f"--prompt needs a text model; this one has --cond {kind}")
     try:
@@ -982,7 +959,8 @@ def sampling_conditions(cfg: Config, ck: dict, kind: str, n_classes: int):
     if not all(0 <= v < n_classes for v in wanted):
         common.die(f"--labels {cfg.labels}: this model has classes 0-{n_classes - 1}")
     labels = torch.tensor(wanted)[idx % len(wanted)]
-    return labels, (labels if kind == "class" or cfg.guide == "classifier" else None), None
+    y = labels if kind == "class" or cfg.guide == "classifier" else None
+    return labels, y, None, len(wanted) if kind == "class" else 0
 
 
 def sample(cfg: Config):
@@ -990,7 +968,7 @@ def sample(cfg: Config):
     the digit each prompt names) and samples.png; --sweep adds guidance.png."""
     model, ae, sched, ck, device, autocast = load_trained(cfg)
     kind, n_classes = model.cond.kind, ck["model_args"]["ldm"]["cond"]["n_classes"]
-    c, y, attrs = sampling_conditions(cfg, ck, kind, n_classes)
+    c, y, attrs, cycle = sampling_conditions(cfg, ck, kind, n_classes)
     clf = load_classifier(cfg, ck, device) if cfg.guide == "classifier" else None
     if clf is not None and (y is None or (y < 0).any()):
         common.die("--guide classifier needs a digit in every prompt")
@@ -1013,8 +991,12 @@ def sample(cfg: Config):
             xs.append(x.cpu())
             print(f"scale {s:g}: sampled {i + len(ci)}/{cfg.sample}", flush=True)
         x = torch.cat(xs)
-        out = Path(cfg.out) / "sweep" / f"s{s:g}" if cfg.sweep else Path(cfg.out)
-        common.save_samples(out, x, y, nrow=10 if kind == "class" else None)
+        out = Path(cfg.out) / "sweep" / f"{cfg.guide}_s{s:g}" if cfg.sweep else Path(cfg.out)
+        common.save_samples(out, x, y)
+        m = min(len(x) // max(cycle, 1), 10)
+        if cycle and m:  # the picture: one row per class (or prompt), m samples each
+            rows = x[: m * cycle].view(m, cycle, *x.shape[1:]).transpose(0, 1).flatten(0, 1)
+            common.save_grid(rows, out / "samples.png", nrow=m)
         row = {"scale": s, "guide": cfg.guide, "n": cfg.sample, "step": ck["step"]}
         if attrs is not None and "tertiles" in ck:  # thin/thick by the captions' own measure
             u8 = ((x + 1) * 127.5).round()
@@ -1027,8 +1009,9 @@ def sample(cfg: Config):
         blocks += [x[:40], torch.zeros(10, *x.shape[1:])]  # 4 rows of 10, then a blank row
         print(f"wrote {cfg.sample} samples ({cfg.guide}, s={s:g}) to {out}/samples.npz, .png")
     if cfg.sweep:
-        common.save_grid(torch.cat(blocks[:-1]), Path(cfg.out) / "guidance.png", nrow=10)
-        print(f"wrote {cfg.out}/guidance.png: a block per scale ({cfg.sweep}), same noise")
+        path = Path(cfg.out) / f"guidance_{cfg.guide}.png"
+        common.save_grid(torch.cat(blocks[:-1]), path, nrow=10)
+        print(f"wrote {path}: a block per scale ({cfg.sweep}), same noise")
 
 
 def train(cfg: Config):

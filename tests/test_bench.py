@@ -21,7 +21,7 @@ def test_bench_autoencoders_gans_and_flows_smoke(tmp_path):
     out = tmp_path / "bench.json"
     run(
         "bench.py",
-        "--models vae,vqvae,gan,flow --tiny --image-size 28 --channels 1",
+        "--models vae,vqvae,gan,flow,cfg_ldm --tiny --image-size 28 --channels 1",
         SMALL,
         "--out",
         out,
@@ -36,6 +36,8 @@ def test_bench_autoencoders_gans_and_flows_smoke(tmp_path):
     for m in ("gan.py DCGAN", "cgan_pix2pix.py cGAN", "cgan_pix2pix.py pix2pix 32px"):
         assert rows[m]["train_img_s"] > 0 and rows[m]["sample_img_s"] > 0, m
     assert rows["gan.py DCGAN, D not frozen in G step"]["train_img_s"] > 0
+    for m in ("pixels", "latents", "latents + encoder"):
+        assert rows[f"cfg_ldm.LDM on {m}"]["cfg_ddim50_img_s"] > 0, m
     for m in ("flow.py glow", "flow.py glow --lu", "flow.py realnvp"):
         assert rows[m]["train_img_s"] > 0 and rows[m]["sample_img_s"] > 0, m
 

@@ -237,9 +237,9 @@ def test_cli_three_stages_resume_exactly_and_sample(fake_mnist, tmp_path):
     ck = torch.load(a / "ckpt.pt", weights_only=True)
     assert ck["test_prompts"][4] == "a thick 4" and len(ck["tertiles"]) == 10
     p = run("cfg_ldm.py", "--out", a, "--sample 12 --batch-size 5 --sample-steps 3 --sweep 0,1,4")
-    z = np.load(a / "sweep" / "s4" / "samples.npz")
+    z = np.load(a / "sweep" / "cfg_s4" / "samples.npz")
     assert z["arr_0"].shape == (12, 28, 28, 1) and z["arr_1"].tolist()[:3] == [0, 1, 2]
-    assert (a / "guidance.png").exists() and '"attr_acc"' in p.stdout
+    assert (a / "guidance_cfg.png").exists() and '"attr_acc"' in p.stdout
     p = run(
         "cfg_ldm.py",
         "--out",

@@ -16,7 +16,7 @@ from conftest import ROOT, assert_one_line_error, run
 
 import common
 
-MODELS = ["ddpm_ddim", "gan", "cgan_pix2pix", "vae", "vqvae", "flow"]
+MODELS = ["ddpm_ddim", "gan", "cgan_pix2pix", "vae", "vqvae", "flow", "cfg_ldm"]
 
 
 @pytest.mark.parametrize("script", MODELS + ["evaluate", "bench"])
@@ -64,6 +64,7 @@ REBUILD = {
     "vae": ([], ("VAE", "vae", "model")),
     "vqvae": ([], ("VQVAE", "vqvae", "model")),
     "flow": (["--init-batch", 5], ("Flow", "flow", "model")),
+    "cfg_ldm": (["--stage ldm --pixel --T 50 --sample-steps 5"], ("LDM", "ldm", "ema")),
 }
 
 
@@ -97,8 +98,9 @@ def test_five_image_flat_folder_checkpoint_pictures_and_rebuild(script, tmp_path
     if script in ("gan", "cgan_pix2pix"):
         z = torch.randn(3, ck["model_args"]["G"]["z_dim"])
         args = (z, torch.zeros(3, dtype=torch.long)) if script == "cgan_pix2pix" else (z,)
-    elif script == "ddpm_ddim":
+    elif script in ("ddpm_ddim", "cfg_ldm"):
         args = (torch.randn(3, 3, 32, 32), torch.tensor([0, 10, 49]))
+        args += (torch.zeros(3, dtype=torch.long),) if script == "cfg_ldm" else ()
     elif script == "vae":
         args = (torch.rand(3, 3, 32, 32), True)
     else:
