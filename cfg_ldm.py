@@ -287,14 +287,14 @@ class Conditioner(nn.Module):
         """c: (B,) labels or (B, L) token ids; drop: (B,) bool, True takes the null context.
         Returns ctx (B, L, dim) and mask (B, L), True where a token may be attended to."""
         B = len(c)
-        if self.kind == "none":
+        if self.kind == "none":  # an unconditional model: the null token is its only context
             return self.null.expand(B, 1, -1), torch.ones(B, 1, dtype=torch.bool, device=c.device)
         if self.kind == "class":
             ctx, mask = self.emb(c)[:, None], torch.ones(B, 1, dtype=torch.bool, device=c.device)
         else:
             mask = c > 0  # the start token is never padding, so no row is empty
             ctx = self.emb(c) + self.pos[:, : c.shape[1]]  # (B, L, dim)
-            for blk in self.blocks:
+            for blk in self.blocks:  # bidirectional self-attention over the real tokens
                 ctx = blk(ctx, self_mask=mask)
             ctx = self.norm(ctx)
         if drop is None:
@@ -411,8 +411,8 @@ def ae_loss(ae, x, kl_weight: float):
     """LDM's first-stage loss without the perceptual and GAN terms: L1 + L2 reconstruction summed
     over pixels, plus kl_weight * KL; mean over the batch. Returns (loss, rec, kl)."""
     mean, logvar = ae.encode(x)
-    x_rec = ae.decode(mean + (0.5 * logvar).exp() * torch.randn_like(mean))
-    err = (x_rec.float() - x).flatten(1)
+    x_rec = ae.decode(mean + (0.5 * logvar).exp() * torch.randn_like(mean))  # reparameterised
+    err = (x_rec.float() - x).flatten(1)  # (B, C*H*W)
     rec = (err.abs() + err**2).sum(1).mean()
     kl = gaussian_kl(mean.float(), logvar.float()).mean()
     return rec + kl_weight * kl, rec, kl
@@ -421,9 +421,9 @@ def ae_loss(ae, x, kl_weight: float):
 def ldm_loss(model, s: dict, z0, c, p_uncond: float):
     """L_simple (DDPM Eq. 14) on latents, with the context dropped to the null context with
     probability p_uncond (Ho & Salimans Alg. 1), so one network learns eps_c and eps_u."""
-    t = torch.randint(0, len(s["betas"]), (len(z0),), device=z0.device)
+    t = torch.randint(0, len(s["betas"]), (len(z0),), device=z0.device)  # t ~ Uniform({1..T})
     eps = torch.randn_like(z0)
-    drop = torch.rand(len(z0), device=z0.device) < p_uncond
+    drop = torch.rand(len(z0), device=z0.device) < p_uncond  # Alg. 1 line 3: c <- null
     return F.mse_loss(model(q_sample(s, z0, t, eps), t, c, drop).float(), eps)
 
 
@@ -442,9 +442,9 @@ def cfg_eps(unet, x, t, ctx, mask, null_ctx, null_mask, s: float):
 def classifier_eps(sched: dict, eps, x, t, log_p, s: float):
     """Classifier guidance for DDIM (Dhariwal & Nichol Sec. 4.2, Eq. 14): the score of p(y | x_t)
     joins eps as eps - s sqrt(1 - alpha_bar_t) grad_x log p(y | x_t). log_p(x, t) -> (B,)."""
-    with torch.enable_grad():
+    with torch.enable_grad():  # the samplers run under no_grad; this gradient is the point
         x = x.detach().requires_grad_(True)
-        grad = torch.autograd.grad(log_p(x, t).sum(), x)[0]
+        grad = torch.autograd.grad(log_p(x, t).sum(), x)[0]  # (B, C, H, W): per-image scores
     return eps - s * (1 - at(sched["alpha_bar"], t, x)).sqrt() * grad
 
 
@@ -452,17 +452,18 @@ def ddim_step(s: dict, eps, xt, t: int, t_prev: int, eta: float, clip: bool, noi
     """One DDIM update (Song et al. Eq. 12) from t to t_prev (-1: to x_0), scalars in float64 from
     log alpha_bar in forms where nothing cancels (as ddim_step in ddpm_ddim.py). Latents are not
     clipped (they are not bounded); pixels are clipped to [-1, 1]."""
-    la = s["log_alpha_bar"][t].item()
+    la = s["log_alpha_bar"][t].item()  # log alpha_bar_t
     la_prev = s["log_alpha_bar"][t_prev].item() if t_prev >= 0 else 0.0
     one_m, one_m_prev = -math.expm1(la), -math.expm1(la_prev)  # 1 - alpha_bar
     ratio = -math.expm1(la - la_prev)  # 1 - alpha_bar_t / alpha_bar_prev
-    x0 = (xt - math.sqrt(one_m) * eps) / math.exp(la / 2)
-    if clip:
+    x0 = (xt - math.sqrt(one_m) * eps) / math.exp(la / 2)  # the "predicted x_0" of Eq. 12
+    if clip:  # clip x0_hat and re-derive eps from it, so eta=1 stays exactly DDPM's step
         x0 = x0.clamp(-1, 1)
         eps = (xt - math.exp(la / 2) * x0) / math.sqrt(one_m)
     sigma = eta * math.sqrt(one_m_prev / one_m * ratio)  # Eq. 16
+    # the direction's weight sqrt(1 - alpha_bar_prev - sigma^2), rearranged: no term cancels
     dir2 = one_m_prev / one_m * (math.exp(la - la_prev) * one_m_prev + (1 - eta**2) * ratio)
-    x = math.exp(la_prev / 2) * x0 + math.sqrt(max(dir2, 0.0)) * eps
+    x = math.exp(la_prev / 2) * x0 + math.sqrt(max(dir2, 0.0)) * eps  # Eq. 12: x0, direction
     return x + sigma * noise if eta > 0 else x
 
 
@@ -473,7 +474,7 @@ def ddim_sample(eps_fn, s: dict, x_T, steps=50, eta=0.0, clip=False, generator=N
     T = len(s["betas"])
     ts = torch.linspace(0, T - 1, steps).round().long().tolist() if steps > 1 else [T - 1]
     x = x_T
-    for t, t_prev in zip(reversed(ts), reversed([-1] + ts[:-1])):
+    for t, t_prev in zip(reversed(ts), reversed([-1] + ts[:-1])):  # T-1 -> ... -> 0 -> x_0
         eps = eps_fn(x, torch.full((len(x),), t, device=x.device, dtype=torch.long))
         noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else None
         x = ddim_step(s, eps, x, t, t_prev, eta, clip, noise)
@@ -501,7 +502,7 @@ def thickness(x_u8, y, tertiles) -> torch.Tensor:
     """0 thin, 1 plain, 2 thick, by the digit's tertiles (captions and scoring alike)."""
     lo, hi = tertiles[y].unbind(1)
     v = ink(x_u8)
-    return (v > lo).long() + (v > hi).long()
+    return (v > lo).long() + (v > hi).long()  # 0, 1 or 2 thresholds passed
 
 
 def digit_caption(d: int, a: int, r: float) -> str:
@@ -534,7 +535,7 @@ def folder_captions(path: str) -> list[str]:
         text = {r["file_name"]: str(r["text"]) for r in rows}
     except (ValueError, KeyError, TypeError) as e:
         common.die(f"{meta}: each line must be JSON with file_name and text ({e})")
-    files = [str(f.relative_to(root)) for f, _ in common.folder_files(path)]
+    files = [str(f.relative_to(root)) for f, _ in common.folder_files(path)]  # as loaded
     missing = [f for f in files if f not in text]
     if missing:
         common.die(f"{meta} has no caption for {len(missing)} images, e.g. {missing[0]}")
@@ -559,7 +560,7 @@ def ae_args(cfg: Config, in_ch: int, size: int) -> dict:
 def ldm_args(cfg: Config, ch: int, n_classes: int) -> dict:
     """The LDM's constructor arguments (U-Net on `ch` input channels, and the context encoder)."""
     width, blocks, dim = (32, 1, 64) if cfg.tiny else (cfg.ch, cfg.num_res_blocks, cfg.ctx_dim)
-    mult = levels(cfg)
+    mult = levels(cfg)  # (1, 2, 2): 7x7 -> 4x4 -> 2x2 on f-4 latents of digits
     attn = tuple(range(1, len(mult)))  # the lower levels: 7x7 -> (4, 2) on f4 latents of digits
     unet = dict(in_ch=ch, out_ch=ch, ch=width, ch_mult=mult, num_res_blocks=blocks)
     unet |= dict(attn_levels=attn, heads=cfg.heads, ctx_dim=dim, dropout=cfg.dropout)
@@ -634,9 +635,9 @@ def first_stage(cfg: Config, device, x_u8, ck=None):
 def latent_scale(ae, x_u8, device, n=2000) -> float:
     """LDM's scale_factor: 1 / std of latents z ~ q(z | x) of (up to n) training images."""
     ae.scale_factor.fill_(1.0)
-    x = x_u8[:n]
-    z = torch.cat([ae.to_latent(to_float(x[i : i + 500], device)) for i in range(0, len(x), 500)])
-    return 1.0 / z.float().std().item()
+    x, g = x_u8[:n], torch.Generator(device).manual_seed(0)  # its own noise: resumes stay exact
+    z = [ae.to_latent(to_float(x[i : i + 500], device), g) for i in range(0, len(x), 500)]
+    return 1.0 / torch.cat(z).float().std().item()
 
 
 def to_float(x_u8, device):
@@ -683,7 +684,7 @@ def train_ae(cfg: Config):
         done = step + 1
 
         # forward and backward
-        xb = to_float(x[next(data)[1].cpu()], device)
+        xb = to_float(x[next(data)[1].cpu()], device)  # the batch's images, in [-1, 1]
         with autocast:
             loss, rec, kl = ae_loss(net, xb, cfg.kl_weight)
         opt.zero_grad(set_to_none=True)
@@ -783,7 +784,7 @@ def train_ldm(cfg: Config):
         # forward and backward: z_0 ~ q(z | x) scaled (or x_0), its context, L_simple
         xb, idx = next(data)
         x0 = xb if ae is None else draw_latents(ae, stats, idx)
-        c = context_input(cfg.cond, captions, idx, y, device, cfg.max_len)
+        c = context_input(cfg.cond, captions, idx, y, device, cfg.max_len)  # labels or token ids
         with autocast:
             loss = ldm_loss(net, sched, x0, c, cfg.p_uncond)
         opt.zero_grad(set_to_none=True)
@@ -849,8 +850,8 @@ def train_classifier(cfg: Config):
 
         # forward and backward: x_t ~ q(x_t | x_0) at a random t, then cross-entropy
         xb, idx = next(data)
-        x0 = xb if ae is None else draw_latents(ae, stats, idx)
-        t = torch.randint(0, cfg.T, (len(x0),), device=device)
+        x0 = xb if ae is None else draw_latents(ae, stats, idx)  # the LDM's own inputs
+        t = torch.randint(0, cfg.T, (len(x0),), device=device)  # every noise level alike
         with autocast:
             logits = net(q_sample(sched, x0, t, torch.randn_like(x0)), t).float()
         loss = F.cross_entropy(logits, y[idx])
@@ -892,14 +893,14 @@ def guided_eps(model, ctx, mask, null_ctx, null_mask, s, autocast, sched=None, l
 @torch.no_grad()
 def generate(model, ae, sched, x_T, c, s, autocast, steps=50, eta=0.0, clf=None, y=None, g=None):
     """Images in [-1, 1] from noise x_T and conditions c (labels or token ids)."""
-    ctx, mask = model.cond(c)
+    ctx, mask = model.cond(c)  # computed once per batch, not per step
     null_ctx, null_mask = model.cond(c, torch.ones(len(c), dtype=torch.bool, device=c.device))
     log_p = None
     if clf is not None:  # log p(y | x_t) of the noisy classifier, per image
         log_p = lambda x, t: clf(x, t).float().log_softmax(1).gather(1, y[:, None])[:, 0]
     eps = guided_eps(model, ctx, mask, null_ctx, null_mask, s, autocast, sched, log_p)
     z = ddim_sample(eps, sched, x_T, steps, eta, clip=ae is None, generator=g)
-    return z if ae is None else ae.from_latent(z).clamp(-1, 1)
+    return z if ae is None else ae.from_latent(z).clamp(-1, 1)  # z / scale_factor, decoded
 
 
 def save_sample_grid(model, ae, sched, x_T, c, s, autocast, steps, path):
@@ -981,7 +982,7 @@ def sample(cfg: Config):
     blocks = []
     for s in scales:
         g = torch.Generator(device).manual_seed(cfg.seed)  # the same noise at every scale
-        xs = []
+        xs = []  # batches of images in [-1, 1], on the CPU
         for i in range(0, cfg.sample, cfg.batch_size):
             ci = c[i : i + cfg.batch_size].to(device)
             yi = None if y is None else y[i : i + cfg.batch_size].to(device)
