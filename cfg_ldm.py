@@ -351,6 +351,11 @@ class AutoencoderKL(nn.Module):
     def from_latent(self, z):
         return self.decode(z / self.scale_factor)
 
+    def forward(self, x):
+        """(reconstruction from z ~ q(z | x), mean, logvar), in one call that DDP can wrap."""
+        mean, logvar = self.encode(x)
+        return self.decode(mean + (0.5 * logvar).exp() * torch.randn_like(mean)), mean, logvar
+
 
 class NoisyClassifier(nn.Module):
     """p(y | x_t, t): the U-Net's encoder half with the time embedding, mean-pooled, linear
@@ -410,8 +415,7 @@ def gaussian_kl(mean, logvar):
 def ae_loss(ae, x, kl_weight: float):
     """LDM's first-stage loss without the perceptual and GAN terms: L1 + L2 reconstruction summed
     over pixels, plus kl_weight * KL; mean over the batch. Returns (loss, rec, kl)."""
-    mean, logvar = ae.encode(x)
-    x_rec = ae.decode(mean + (0.5 * logvar).exp() * torch.randn_like(mean))  # reparameterised
+    x_rec, mean, logvar = ae(x)  # z reparameterised: mean + std * eps
     err = (x_rec.float() - x).flatten(1)  # (B, C*H*W)
     rec = (err.abs() + err**2).sum(1).mean()
     kl = gaussian_kl(mean.float(), logvar.float()).mean()
@@ -420,7 +424,8 @@ def ae_loss(ae, x, kl_weight: float):
 
 def ldm_loss(model, s: dict, z0, c, p_uncond: float):
     """L_simple (DDPM Eq. 14) on latents, with the context dropped to the null context with
-    probability p_uncond (Ho & Salimans Alg. 1), so one network learns eps_c and eps_u."""
+    probability p_uncond (Ho & Salimans Alg. 1), so one network learns eps_c and eps_u. Mean
+    squared error over every element and the batch."""
     t = torch.randint(0, len(s["betas"]), (len(z0),), device=z0.device)  # t ~ Uniform({1..T})
     eps = torch.randn_like(z0)
     drop = torch.rand(len(z0), device=z0.device) < p_uncond  # Alg. 1 line 3: c <- null
@@ -561,7 +566,7 @@ def ldm_args(cfg: Config, ch: int, n_classes: int) -> dict:
     """The LDM's constructor arguments (U-Net on `ch` input channels, and the context encoder)."""
     width, blocks, dim = (32, 1, 64) if cfg.tiny else (cfg.ch, cfg.num_res_blocks, cfg.ctx_dim)
     mult = levels(cfg)  # (1, 2, 2): 7x7 -> 4x4 -> 2x2 on f-4 latents of digits
-    attn = tuple(range(1, len(mult)))  # the lower levels: 7x7 -> (4, 2) on f4 latents of digits
+    attn = tuple(range(1, len(mult)))  # transformers at the lower levels (4x4, 2x2 there)
     unet = dict(in_ch=ch, out_ch=ch, ch=width, ch_mult=mult, num_res_blocks=blocks)
     unet |= dict(attn_levels=attn, heads=cfg.heads, ctx_dim=dim, dropout=cfg.dropout)
     cond = dict(kind=cfg.cond, dim=dim, n_classes=n_classes, layers=cfg.text_layers)
@@ -575,7 +580,8 @@ def check_flags(cfg: Config):
     for name, allowed in sets:
         if getattr(cfg, name) not in allowed:
             common.die(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    for name, lo in [("steps", 0), ("batch_size", 1), ("T", 2), ("sample", 0), ("guidance", 0)]:
+    lows = [("steps", 0), ("batch_size", 1), ("T", 2), ("sample", 0), ("guidance", 0)]
+    for name, lo in lows + [("z_ch", 1), ("heads", 1), ("max_len", 1)]:
         if getattr(cfg, name) < lo:
             common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
     if not 1 <= cfg.sample_steps <= cfg.T:
@@ -684,7 +690,7 @@ def train_ae(cfg: Config):
         done = step + 1
 
         # forward and backward
-        xb = to_float(x[next(data)[1].cpu()], device)  # the batch's images, in [-1, 1]
+        xb = next(data)[0]  # the batch's images, in [-1, 1]
         with autocast:
             loss, rec, kl = ae_loss(net, xb, cfg.kl_weight)
         opt.zero_grad(set_to_none=True)
@@ -911,7 +917,11 @@ def save_sample_grid(model, ae, sched, x_T, c, s, autocast, steps, path):
 def load_trained(cfg: Config):
     """(EMA LDM, autoencoder or None, schedule, checkpoint, device, autocast) of <out>/ckpt.pt,
     rebuilt from its model_args: no training flag has to be repeated."""
-    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt", need=("ema", "model_args"))
+    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt", need=("ema", "model_args", "shape"))
+    if "ldm" not in ck["model_args"]:
+        common.die(f"{cfg.out}/ckpt.pt is not a cfg_ldm.py checkpoint (no LDM in its model_args)")
+    if cfg.sample_steps > ck["config"]["T"]:  # the trained model's T, which may differ from --T
+        common.die(f"--sample-steps {cfg.sample_steps}: this model has T={ck['config']['T']}")
     device, autocast = common.setup(cfg)
     model = LDM(**ck["model_args"]["ldm"]).to(device).eval()
     common.load_state(model, ck["ema"])

@@ -263,6 +263,16 @@ def test_bad_input_is_one_line(fake_mnist, tmp_path):
     assert_one_line_error(sample("--labels 3,10"), "classes 0-9")
     assert_one_line_error(sample("--guidance -1"), "--guidance -1.0: must be at least 0")
     assert_one_line_error(sample("--sweep 1,-2"), "scales must be at least 0")
+    assert_one_line_error(sample("--sample-steps 200"), "this model has T=100")
+    run(
+        "ddpm_ddim.py",
+        "--tiny --steps 1 --batch-size 8 --sample-every 0 --T 100 --data-dir",
+        fake_mnist,
+        "--out",
+        tmp_path / "ddpm",
+    )
+    foreign = run("cfg_ldm.py", "--out", tmp_path / "ddpm", "--sample 2", check=False)
+    assert_one_line_error(foreign, "not a cfg_ldm.py checkpoint")
     from PIL import Image
 
     (tmp_path / "imgs").mkdir()
@@ -275,11 +285,12 @@ def test_bad_input_is_one_line(fake_mnist, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_gloo_ranks_stay_identical(fake_mnist, tmp_path):
+    """The AE and the LDM stage each train under torchrun with replicas bit-identical."""
     out = tmp_path / "run"
-    stage(out, fake_mnist, "ae", "--steps 1")
-    torchrun("cfg_ldm", TINY, "--stage ldm --steps 3 --data-dir", fake_mnist, "--out", out)
-    w0, w1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    for name in ("ae", "ldm"):
+        torchrun("cfg_ldm", TINY, "--stage", name, "--steps 3 --data-dir", fake_mnist, "--out", out)
+        w0, w1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+        assert all(torch.equal(w0[k], w1[k]) for k in w0), name
 
 
 @pytest.mark.slow
