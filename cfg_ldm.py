@@ -24,6 +24,16 @@ LDM's GEGLU feed-forward (a GELU MLP here), pretrained text encoders (ours train
   python cfg_ldm.py --stage ldm --cond text --out runs/t2i --data-dir ../shared/data  # captions
   python cfg_ldm.py --sample 20 --out runs/t2i --prompt "a thick 4|a thin seven"
   python cfg_ldm.py --stage ldm --pixel --out runs/pixel   # the same U-Net on pixels, no AE
+The paper's other tasks, with the same U-Net, loop and samplers (Rombach et al. Secs. 4.3-4.5):
+  --cond layout   context = one token per box (class, x0, y0, x1, y1 on a grid), cross-attention;
+                  --dataset mnist-layout: 1-3 digits in boxes on a 64x64 canvas (--stage ae too)
+  --cond sr       the low-res image (area-downsampled by --sr-factor) joins z_t as channels
+  --cond inpaint  the masked image's latent and the mask join z_t as channels; the known pixels
+                  are pasted back after decoding. Both concat tasks drop their condition with
+                  --p-uncond like a context, so one network is also the unconditional model.
+  python cfg_ldm.py --sample 8 --out runs/sr --input low.png     # upsample a user's image
+  python cfg_ldm.py --sample 8 --out runs/inpaint --input x.png --mask m.png   # white = fill
+  python cfg_ldm.py --sample 1000 --out runs/layout --layout boxes.json     # or test layouts
 Add --tiny for CPU-sized networks (README: measured recipes and results).
 
 Load the trained networks with their classes alone:
@@ -51,7 +61,7 @@ import common
 @dataclasses.dataclass
 class Config(common.Config):
     stage: str = "ae"  # ae | ldm | classifier: into --out as ae.pt, ckpt.pt, classifier.pt
-    cond: str = "class"  # ldm: none | class | text (mnist's captions, or a folder's metadata.jsonl)
+    cond: str = "class"  # ldm: none | class | text | layout | sr | inpaint (see the docstring)
     pixel: bool = False  # ldm/classifier on pixels instead of latents (no AE)
     steps: int = 20000  # optimizer steps of this stage
     # autoencoder (LDM's KL-f4: z_ch x H/f x W/f latents)
@@ -68,6 +78,8 @@ class Config(common.Config):
     text_layers: int = 2  # caption encoder's transformer layers
     max_len: int = 48  # caption bytes kept (longer captions are cut)
     p_uncond: float = 0.1  # CFG: probability of training with the null context
+    grid: int = 32  # layout: box corners quantised to grid x grid cells of the canvas
+    sr_factor: int = 4  # sr: the low-res input is the image downsampled by this factor
     dropout: float = 0.0  # in every ResBlock
     # diffusion and optimisation
     T: int = 1000  # diffusion steps
@@ -83,6 +95,9 @@ class Config(common.Config):
     sweep: str = ""  # e.g. 0,1,3: N samples per scale (same noise) in <out>/sweep/<guide>_s<S>/
     labels: str = ""  # --sample, class models: labels to cycle (default 0-9)
     prompt: str = ""  # --sample, text: prompts split on |, or a file of lines (default: held out)
+    layout: str = ""  # --sample, layout: a JSON list of layouts [[label, x0, y0, x1, y1], ...]
+    input: str = ""  # --sample, sr: a low-res image to upsample; inpaint: an image to complete
+    mask: str = ""  # --sample, inpaint with --input: a mask image of its size, white = fill
 
 
 # -----------------------------------------------------------------------------
@@ -269,31 +284,46 @@ def tokenize(texts, max_len: int = 48) -> torch.Tensor:
 class Conditioner(nn.Module):
     """The context tokens the U-Net cross-attends to, and CFG's learned null context.
     kind none: the null token only; class: the label as one learned token; text: a byte-level
-    transformer over the caption, trained with the U-Net from scratch."""
+    transformer over the caption, trained with the U-Net from scratch; layout: one token per box,
+    the sum of its class's and its four quantised corners' embeddings, through the same
+    transformer without positions (a set: the order of the boxes means nothing)."""
 
-    def __init__(self, kind="class", dim=256, n_classes=10, layers=2, heads=4, max_len=48):
+    def __init__(self, kind="class", dim=256, n_classes=10, layers=2, heads=4, max_len=48, grid=32):
         super().__init__()
-        self.kind, self.max_len = kind, max_len
+        self.kind, self.max_len, self.grid = kind, max_len, grid
         self.null = nn.Parameter(torch.randn(1, 1, dim) * 0.02)  # the null context, one token
-        if kind == "class":
+        if kind in ("class", "layout"):
             self.emb = nn.Embedding(n_classes, dim)
         if kind == "text":
             self.emb = nn.Embedding(258, dim)  # padding, start, 256 byte values
             self.pos = nn.Parameter(torch.randn(1, max_len, dim) * 0.02)
+        if kind == "layout":
+            self.corner = nn.Embedding(4 * grid, dim)  # a table each for x0, y0, x1, y1
+        if kind in ("text", "layout"):
             self.blocks = nn.ModuleList([TransformerBlock(dim, heads) for _ in range(layers)])
             self.norm = nn.LayerNorm(dim)
 
     def forward(self, c, drop=None):
-        """c: (B,) labels or (B, L) token ids; drop: (B,) bool, True takes the null context.
+        """c: (B,) labels, (B, L) token ids or (B, K, 5) box tokens (label, x0, y0, x1, y1 in grid
+        cells; -1 rows are padding); drop: (B,) bool, True takes the null context.
         Returns ctx (B, L, dim) and mask (B, L), True where a token may be attended to."""
         B = len(c)
-        if self.kind == "none":  # an unconditional model: the null token is its only context
+        if self.kind in ("none", "sr", "inpaint"):  # the null token is the only context
             return self.null.expand(B, 1, -1), torch.ones(B, 1, dtype=torch.bool, device=c.device)
         if self.kind == "class":
             ctx, mask = self.emb(c)[:, None], torch.ones(B, 1, dtype=torch.bool, device=c.device)
         else:
-            mask = c > 0  # the start token is never padding, so no row is empty
-            ctx = self.emb(c) + self.pos[:, : c.shape[1]]  # (B, L, dim)
+            if self.kind == "text":
+                mask = c > 0  # the start token is never padding, so no row is empty
+                ctx = self.emb(c) + self.pos[:, : c.shape[1]]  # (B, L, dim)
+            else:
+                mask = c[..., 0] >= 0  # (B, K)
+                offset = torch.arange(4, device=c.device) * self.grid  # into the corner tables
+                corners = self.corner(c[..., 1:].clamp(min=0) + offset).sum(2)  # (B, K, dim)
+                ctx = self.emb(c[..., 0].clamp(min=0)) + corners
+                empty = ~mask.any(1)  # a layout without boxes gets the null context
+                drop = empty if drop is None else drop | empty
+                mask = mask | (empty[:, None] & (torch.arange(c.shape[1], device=c.device) == 0))
             for blk in self.blocks:  # bidirectional self-attention over the real tokens
                 ctx = blk(ctx, self_mask=mask)
             ctx = self.norm(ctx)
@@ -307,13 +337,18 @@ class Conditioner(nn.Module):
 
 
 class LDM(nn.Module):
-    """The trained pair: context encoder and U-Net; `ldm(z_t, t, c, drop)` -> eps."""
+    """The trained pair: context encoder and U-Net; `ldm(z_t, t, c, drop, concat)` -> eps.
+    concat (B, k, H, W), an image condition (sr, inpaint), joins z_t as input channels (LDM's
+    concatenation conditioning) and is zeroed where the context is dropped."""
 
     def __init__(self, unet: dict, cond: dict):
         super().__init__()
         self.unet, self.cond = UNet(**unet), Conditioner(**cond)
 
-    def forward(self, x, t, c, drop=None):
+    def forward(self, x, t, c, drop=None, concat=None):
+        if concat is not None:
+            keep = 1.0 if drop is None else (~drop).to(concat.dtype)[:, None, None, None]
+            x = torch.cat([x, (concat * keep).to(x.dtype)], 1)  # (B, C + k, H, W)
         return self.unet(x, t, *self.cond(c, drop))
 
 
@@ -422,24 +457,27 @@ def ae_loss(ae, x, kl_weight: float):
     return rec + kl_weight * kl, rec, kl
 
 
-def ldm_loss(model, s: dict, z0, c, p_uncond: float):
-    """L_simple (DDPM Eq. 14) on latents, with the context dropped to the null context with
-    probability p_uncond (Ho & Salimans Alg. 1), so one network learns eps_c and eps_u. Mean
-    squared error over every element and the batch."""
+def ldm_loss(model, s: dict, z0, c, p_uncond: float, concat=None):
+    """L_simple (DDPM Eq. 14) on latents, with the context (and the concat condition) dropped to
+    the null context with probability p_uncond (Ho & Salimans Alg. 1), so one network learns
+    eps_c and eps_u. Mean squared error over every element and the batch."""
     t = torch.randint(0, len(s["betas"]), (len(z0),), device=z0.device)  # t ~ Uniform({1..T})
     eps = torch.randn_like(z0)
     drop = torch.rand(len(z0), device=z0.device) < p_uncond  # Alg. 1 line 3: c <- null
-    return F.mse_loss(model(q_sample(s, z0, t, eps), t, c, drop).float(), eps)
+    return F.mse_loss(model(q_sample(s, z0, t, eps), t, c, drop, concat).float(), eps)
 
 
-def cfg_eps(unet, x, t, ctx, mask, null_ctx, null_mask, s: float):
+def cfg_eps(unet, x, t, ctx, mask, null_ctx, null_mask, s: float, concat=None):
     """Classifier-free guidance: eps_u + s (eps_c - eps_u). s = 1 is the conditional model alone,
-    s = 0 the unconditional alone; otherwise both in one doubled batch."""
+    s = 0 the unconditional alone; otherwise both in one doubled batch. concat: the image
+    condition joined to x (zeros for eps_u)."""
+    xc = x if concat is None else torch.cat([x, concat.to(x.dtype)], 1)
+    xu = x if concat is None else torch.cat([x, torch.zeros_like(concat, dtype=x.dtype)], 1)
     if s == 1:
-        return unet(x, t, ctx, mask)
+        return unet(xc, t, ctx, mask)
     if s == 0:
-        return unet(x, t, null_ctx, null_mask)
-    pairs = ((x, x), (t, t), (ctx, null_ctx), (mask, null_mask))
+        return unet(xu, t, null_ctx, null_mask)
+    pairs = ((xc, xu), (t, t), (ctx, null_ctx), (mask, null_mask))
     eps_c, eps_u = unet(*[torch.cat(p) for p in pairs]).chunk(2)  # one doubled batch
     return eps_u + s * (eps_c - eps_u)
 
@@ -473,9 +511,9 @@ def ddim_step(s: dict, eps, xt, t: int, t_prev: int, eta: float, clip: bool, noi
 
 
 @torch.no_grad()
-def ddim_sample(eps_fn, s: dict, x_T, steps=50, eta=0.0, clip=False, generator=None):
+def ddim_sample(eps_fn, s: dict, x_T, steps=50, eta=0.0, clip=False, generator=None, after=None):
     """DDIM with `steps` evenly spaced timesteps from T-1 down to 0; eps_fn(x, t) is the
-    (guided) noise prediction."""
+    (guided) noise prediction; after(x, t_prev), if given, edits each new x (paste-back)."""
     T = len(s["betas"])
     ts = torch.linspace(0, T - 1, steps).round().long().tolist() if steps > 1 else [T - 1]
     x = x_T
@@ -483,6 +521,7 @@ def ddim_sample(eps_fn, s: dict, x_T, steps=50, eta=0.0, clip=False, generator=N
         eps = eps_fn(x, torch.full((len(x),), t, device=x.device, dtype=torch.long))
         noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else None
         x = ddim_step(s, eps, x, t, t_prev, eta, clip, noise)
+        x = x if after is None else after(x, t_prev)
     return x
 
 
@@ -528,23 +567,162 @@ def prompt_digit_and_attr(p: str) -> tuple[int, int]:
     return (digits[0] if digits else -1), (2 if "thick" in words else attr)
 
 
-def folder_captions(path: str) -> list[str]:
-    """Captions of a folder's images, in load order, from its metadata.jsonl (Hugging Face
-    imagefolder: {"file_name": ..., "text": ...} per line)."""
+def folder_metadata(path: str, key: str) -> list:
+    """One value per image of a folder, in load order, from its metadata.jsonl (Hugging Face
+    imagefolder: {"file_name": ..., key: ...} per line): captions ("text"), layouts ("boxes")."""
     root = Path(path)
     meta = root / "metadata.jsonl"
     if not meta.is_file():
-        common.die(f"--cond text needs captions: no {meta} ({{'file_name': ..., 'text': ...}})")
+        common.die(
+            f"--cond {key}: no {meta} (a line per image: {{'file_name': ..., '{key}': ...}})"
+        )
     try:
         rows = [json.loads(line) for line in open(meta) if line.strip()]
-        text = {r["file_name"]: str(r["text"]) for r in rows}
+        value = {r["file_name"]: r[key] for r in rows}
     except (ValueError, KeyError, TypeError) as e:
-        common.die(f"{meta}: each line must be JSON with file_name and text ({e})")
+        common.die(f"{meta}: each line must be JSON with file_name and {key} ({e})")
     files = [str(f.relative_to(root)) for f, _ in common.folder_files(path)]  # as loaded
-    missing = [f for f in files if f not in text]
+    missing = [f for f in files if f not in value]
     if missing:
-        common.die(f"{meta} has no caption for {len(missing)} images, e.g. {missing[0]}")
-    return [text[f] for f in files]
+        common.die(f"{meta} has no {key} for {len(missing)} images, e.g. {missing[0]}")
+    return [value[f] for f in files]
+
+
+# -----------------------------------------------------------------------------
+# data: layouts (digits placed in boxes on a canvas), masks, low-res inputs
+def make_canvases(x_u8, y, n: int, size=64, seed=0, side=(20, 40), max_boxes=3):
+    """n canvases of 1-max_boxes digits, each resized into a random box (width and height in
+    `side`, no two boxes overlapping), the rest black; deterministic for a seed. Returns uint8
+    (n, 1, size, size) and boxes (n, max_boxes, 5) as (label, x0, y0, x1, y1) in pixels, x1 and
+    y1 exclusive, -1 rows padding. Digits are taken in a seeded order, each before any twice."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    canvas = torch.zeros(n, x_u8.shape[1], size, size, dtype=torch.uint8)
+    boxes = torch.full((n, max_boxes, 5), -1, dtype=torch.long)
+    order, j = torch.randperm(len(x_u8), generator=g), 0
+    for i in range(n):
+        k, placed = rand(1, max_boxes), []
+        for _ in range(50):  # rejection: boxes that overlap one placed already are redrawn
+            w, h = rand(*side), rand(*side)
+            x0, y0 = rand(0, size - w), rand(0, size - h)
+            if all(x0 >= b[2] or b[0] >= x0 + w or y0 >= b[3] or b[1] >= y0 + h for b in placed):
+                placed.append((x0, y0, x0 + w, y0 + h))
+            if len(placed) == k:
+                break
+        for m, (x0, y0, x1, y1) in enumerate(placed):
+            d = order[j % len(order)]
+            j += 1
+            size_d = (y1 - y0, x1 - x0)
+            digit = F.interpolate(x_u8[d : d + 1].float(), size_d, mode="bilinear", antialias=True)
+            canvas[i, :, y0:y1, x0:x1] = digit[0].round().to(torch.uint8)
+            boxes[i, m] = torch.tensor([int(y[d]), x0, y0, x1, y1])
+    return canvas, boxes
+
+
+def layout_tokens(boxes, size: int, grid: int):
+    """Boxes in pixels (..., 5) -> the Conditioner's tokens: corners quantised to grid cells
+    round(v / size * (grid - 1)); padding rows stay -1."""
+    q = (boxes[..., 1:].float() / size * (grid - 1)).round().long().clamp(0, grid - 1)
+    tokens = torch.cat([boxes[..., :1], q], -1)
+    return torch.where(boxes[..., :1] >= 0, tokens, torch.full_like(tokens, -1))
+
+
+def check_layouts(boxes, size: int, n_classes: int, where: str):
+    """Boxes inside the canvas with x0 < x1, y0 < y1, and labels the model knows, or an error."""
+    b = boxes[boxes[..., 0] >= 0]  # (M, 5): the real boxes
+    inside = (b[:, 1] >= 0) & (b[:, 2] >= 0) & (b[:, 3] <= size) & (b[:, 4] <= size)
+    bad = ~inside | (b[:, 1] >= b[:, 3]) | (b[:, 2] >= b[:, 4])
+    if bad.any():
+        common.die(f"{where}: box {b[bad][0, 1:].tolist()} is not inside the {size}x{size} canvas")
+    if (b[:, 0] >= n_classes).any():
+        common.die(f"{where}: label {int(b[:, 0].max())} is out of range 0-{n_classes - 1}")
+
+
+def pad_layouts(layouts: list, where: str) -> torch.Tensor:
+    """Lists of [label, x0, y0, x1, y1] -> (N, K, 5) long, -1 padded."""
+    try:
+        k = max(1, *(len(b) for b in layouts))
+        rows = [[list(map(int, r)) for r in b] + [[-1] * 5] * (k - len(b)) for b in layouts]
+        boxes = torch.tensor(rows, dtype=torch.long).view(len(layouts), k, 5)
+    except (TypeError, ValueError, RuntimeError) as e:
+        common.die(f"{where}: a layout is a list of [label, x0, y0, x1, y1] boxes ({e})")
+    if (boxes[..., 0] < -1).any() or ((boxes[..., 0] >= 0) & (boxes[..., 1:] < 0).any(-1)).any():
+        common.die(f"{where}: labels and coordinates must be non-negative")
+    return boxes
+
+
+def draw_boxes(x, boxes):
+    """Images in [-1, 1] (B, C, H, W) -> RGB with each box's outline in red."""
+    x = x.expand(-1, 3, -1, -1).clone()
+    red = torch.tensor([1.0, -1.0, -1.0])[:, None]
+    for i, b in (boxes[..., 0] >= 0).nonzero().tolist():
+        _, x0, y0, x1, y1 = boxes[i, b].tolist()
+        x[i, :, y0:y1, x0] = x[i, :, y0:y1, x1 - 1] = red
+        x[i, :, y0, x0:x1] = x[i, :, y1 - 1, x0:x1] = red
+    return x
+
+
+def random_masks(n: int, size: int, generator=None, cover=(0.2, 0.6)):
+    """(n, 1, size, size) holes, 1 = to fill: half rectangles, half free strokes (a random walk
+    of a round brush), each covering a share of the image drawn uniformly from `cover`."""
+    lo, hi = cover
+    rand = lambda *shape: torch.rand(shape, generator=generator)
+    yx = torch.stack(torch.meshgrid(*[torch.arange(size).float()] * 2, indexing="ij"), -1)
+    target = lo + 0.02 + (hi - lo - 0.04) * rand(n)  # a margin for rounding to whole pixels
+    # rectangles of the target area, aspect ratio in [1/2, 2]
+    h = (target * size**2 * 2 ** (2 * rand(n) - 1)).sqrt().round().clamp(1, size)
+    w = (target * size**2 / h).round().clamp(1, size)
+    lo_yx = torch.stack([rand(n) * (size - h + 1), rand(n) * (size - w + 1)], 1).floor()
+    rel = yx - lo_yx[:, None, None]  # (n, S, S, 2): offsets from each rectangle's corner
+    rect = ((rel >= 0) & (rel < torch.stack([h, w], 1)[:, None, None])).all(-1)
+    # strokes: segment after segment, each of the pixels within `radius` of p -> q, until the
+    # target share is covered (a segment that would pass the upper bound is skipped)
+    stroke = torch.zeros(n, size, size, dtype=torch.bool)
+    p, radius = rand(n, 2) * size, size * (0.06 + 0.04 * rand(n))[:, None, None]
+    for _ in range(200):
+        todo = stroke.float().mean((1, 2)) < target
+        if not todo.any():
+            break
+        angle, length = 2 * math.pi * rand(n), size * (0.2 + 0.3 * rand(n))
+        q = (p + length[:, None] * torch.stack([angle.sin(), angle.cos()], 1)).clamp(0, size - 1)
+        d = (q - p)[:, None, None]  # (n, 1, 1, 2)
+        rel = yx - p[:, None, None]
+        u = ((rel * d).sum(-1) / (d * d).sum(-1).clamp(min=1e-6)).clamp(0, 1)  # closest point
+        new = stroke | ((rel - u[..., None] * d).norm(dim=-1) <= radius)
+        ok = todo & (new.float().mean((1, 2)) <= hi)
+        stroke = torch.where(ok[:, None, None], new, stroke)
+        p = q
+    return torch.where(rand(n)[:, None, None] < 0.5, rect, stroke).float()[:, None]
+
+
+def sr_condition(x, factor: int, size):
+    """SR's concat input: x area-downsampled by `factor` (the low-res image), resized (bilinear)
+    to the latent's `size` when it is not that size already."""
+    low = F.avg_pool2d(x, factor)  # area averaging, exact for an integer factor
+    return low if low.shape[-2:] == tuple(size) else F.interpolate(low, size, mode="bilinear")
+
+
+def inpaint_condition(ae, x, hole):
+    """Inpainting's concat input: the latent of the masked image (unknown pixels 0, mid-grey as
+    LDM's) and the share of known pixels per latent cell; pixels themselves for --pixel."""
+    known = 1 - hole
+    z = x * known if ae is None else ae.scale_factor * ae.encode(x * known)[0]
+    return torch.cat([z, F.adaptive_avg_pool2d(known, z.shape[-2:])], 1)  # (B, C + 1, h, w)
+
+
+def load_split(cfg: Config, train: bool):
+    """(uint8 images, labels), as common.load_images; for layouts the labels are the boxes
+    (N, K, 5) in pixels: mnist-layout's canvases, or a folder's metadata.jsonl "boxes"."""
+    if cfg.dataset == "mnist-layout":
+        x, y = common.load_images(dataclasses.replace(cfg, dataset="mnist"), train)
+        n = len(x) if train else len(x) // 2  # test canvases use each test digit about once
+        return make_canvases(x, y, n, seed=cfg.seed * 2 + (0 if train else 1))
+    x, y = common.load_images(cfg, train)
+    if cfg.cond == "layout" and cfg.dataset.startswith("folder:"):
+        where = f"{cfg.dataset[7:]}/metadata.jsonl"
+        y = pad_layouts(folder_metadata(cfg.dataset[7:], "boxes"), where)
+        check_layouts(y, x.shape[-1], 10**9, where)
+    return x, y
 
 
 # -----------------------------------------------------------------------------
@@ -562,26 +740,31 @@ def ae_args(cfg: Config, in_ch: int, size: int) -> dict:
     return {"ae": dict(in_ch=in_ch, ch=16 if cfg.tiny else cfg.ae_ch, z_ch=cfg.z_ch, f=cfg.f)}
 
 
-def ldm_args(cfg: Config, ch: int, n_classes: int) -> dict:
-    """The LDM's constructor arguments (U-Net on `ch` input channels, and the context encoder)."""
+def ldm_args(cfg: Config, ch: int, n_classes: int, concat_ch: int = 0) -> dict:
+    """The LDM's constructor arguments: a U-Net on `ch` channels (+ `concat_ch` of an image
+    condition at its input), and the context encoder."""
     width, blocks, dim = (32, 1, 64) if cfg.tiny else (cfg.ch, cfg.num_res_blocks, cfg.ctx_dim)
     mult = levels(cfg)  # (1, 2, 2): 7x7 -> 4x4 -> 2x2 on f-4 latents of digits
-    attn = tuple(range(1, len(mult)))  # transformers at the lower levels (4x4, 2x2 there)
-    unet = dict(in_ch=ch, out_ch=ch, ch=width, ch_mult=mult, num_res_blocks=blocks)
+    first = 0 if cfg.cond == "layout" else 1  # where boxes are placed, attention at every level
+    attn = tuple(range(first, len(mult)))  # else at the lower levels (4x4, 2x2 there)
+    unet = dict(in_ch=ch + concat_ch, out_ch=ch, ch=width, ch_mult=mult, num_res_blocks=blocks)
     unet |= dict(attn_levels=attn, heads=cfg.heads, ctx_dim=dim, dropout=cfg.dropout)
     cond = dict(kind=cfg.cond, dim=dim, n_classes=n_classes, layers=cfg.text_layers)
-    return {"ldm": dict(unet=unet, cond=dict(cond, heads=cfg.heads, max_len=cfg.max_len))}
+    cond |= dict(heads=cfg.heads, max_len=cfg.max_len, grid=cfg.grid)
+    return {"ldm": dict(unet=unet, cond=cond)}
 
 
 def check_flags(cfg: Config):
     """A flag outside its set or range of values is a one-line error, before any work."""
-    sets = [("stage", ("ae", "ldm", "classifier")), ("cond", ("none", "class", "text"))]
+    conds = ("none", "class", "text", "layout", "sr", "inpaint")
+    sets = [("stage", ("ae", "ldm", "classifier")), ("cond", conds)]
     sets += [("guide", ("cfg", "classifier")), ("schedule", ("scaled_linear", "linear"))]
     for name, allowed in sets:
         if getattr(cfg, name) not in allowed:
             common.die(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
     lows = [("steps", 0), ("batch_size", 1), ("T", 2), ("sample", 0), ("guidance", 0)]
-    for name, lo in lows + [("z_ch", 1), ("heads", 1), ("max_len", 1)]:
+    lows += [("z_ch", 1), ("heads", 1), ("max_len", 1), ("grid", 2), ("sr_factor", 1)]
+    for name, lo in lows:
         if getattr(cfg, name) < lo:
             common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
     if not 1 <= cfg.sample_steps <= cfg.T:
@@ -589,13 +772,20 @@ def check_flags(cfg: Config):
     if not 0 <= cfg.p_uncond <= 1:
         common.die(f"--p-uncond {cfg.p_uncond}: must be between 0 and 1")
     levels(cfg)
+    if cfg.stage == "ae" or cfg.sample:
+        return
+    layouts = cfg.dataset == "mnist-layout" or cfg.dataset.startswith("folder:")
+    if cfg.cond == "layout" and not (layouts and cfg.stage == "ldm"):
+        common.die("--cond layout: --stage ldm on --dataset mnist-layout or folder:PATH (boxes)")
+    if cfg.dataset == "mnist-layout" and cfg.cond != "layout":
+        common.die(f"--dataset mnist-layout is for --cond layout, not --cond {cfg.cond}")
 
 
 def begin(cfg: Config):
     """What every stage starts with: device, the training split, resumable batches of indices
     (the stage looks up images, latents, labels and captions by index)."""
     device, autocast = common.setup(cfg)
-    x, y = common.load_images(cfg, train=True)
+    x, y = load_split(cfg, train=True)
     data = common.Batches(x, torch.arange(len(x)), cfg.batch_size, cfg.seed, device)
     return device, autocast, x, y.to(device), data
 
@@ -679,7 +869,7 @@ def train_ae(cfg: Config):
     opt = torch.optim.AdamW(ae.parameters(), cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     start = restore(cfg, data, "ae.pt", dict(model=ae, opt=opt))
     net = common.wrap(ae, cfg, device)
-    x_test = to_float(common.load_images(cfg, train=False)[0][:32], device)
+    x_test = to_float(load_split(cfg, train=False)[0][:32], device)
     loop = common.Loop(cfg, data, start, name="ae.pt")
     if common.rank() == 0:
         n = sum(p.numel() for p in ae.parameters()) / 1e6
@@ -718,7 +908,7 @@ def train_ae(cfg: Config):
                 path = Path(cfg.out) / f"recon_{done:06d}.png"
                 loop.aside(save_reconstructions, ae, x_test, path)
     if common.rank() == 0 and done == cfg.steps:
-        x_t = common.load_images(cfg, train=False)[0]
+        x_t = load_split(cfg, train=False)[0]
         scale = ae.scale_factor.item()
         print(f"test PSNR {psnr(ae, x_t, device):.2f} dB, scale_factor {scale:.4f}")
     return ae
@@ -726,11 +916,17 @@ def train_ae(cfg: Config):
 
 def conditions(cfg: Config, x_u8, y):
     """What the context is made from: labels, or for text a caption maker; and the stage state
-    the checkpoint keeps for sampling (tertiles, held-out test prompts)."""
+    the checkpoint keeps for sampling (tertiles, held-out test prompts, test layouts, ...)."""
+    if cfg.cond == "layout":  # up to 2,500 test layouts, so --sample needs no data
+        return None, {"test_layouts": load_split(cfg, train=False)[1][:2500].tolist()}
+    if cfg.cond == "sr" and x_u8.shape[-1] % cfg.sr_factor:
+        common.die(f"--sr-factor {cfg.sr_factor} does not divide the image size {x_u8.shape[-1]}")
+    if cfg.cond == "inpaint":  # the mean-image baseline of --sample
+        return None, {"mean_image": to_float(x_u8, "cpu").mean(0)}
     if cfg.cond != "text":
         return None, {}
     if cfg.dataset.startswith("folder:"):
-        caps = folder_captions(cfg.dataset[len("folder:") :])
+        caps = [str(v) for v in folder_metadata(cfg.dataset[len("folder:") :], "text")]
         return (lambda idx, r: [caps[i] for i in idx.tolist()]), {"test_prompts": caps[:100]}
     if cfg.dataset != "mnist":
         common.die(f"--cond text: no built-in captions for {cfg.dataset}; use folder:PATH")
@@ -742,11 +938,23 @@ def conditions(cfg: Config, x_u8, y):
 
 
 def context_input(cfg_cond, captions, idx, y, device, max_len):
-    """The conditioner's input for a batch of indices: labels or caption token ids."""
+    """The conditioner's input for a batch of indices: labels, box tokens or caption token ids."""
     if cfg_cond != "text":
         return y[idx]
     r = torch.rand(len(idx)).tolist()  # the phrasing of each caption, from the training RNG
     return tokenize(captions(idx, r), max_len).to(device)
+
+
+@torch.no_grad()
+def concat_input(task: str, ae, x, factor: int, size, holes=None):
+    """The image condition of a batch x in [-1, 1]: its low-res version (sr), or its masked
+    latent and mask (inpaint, masks from the training RNG unless given); None for other tasks."""
+    if task == "sr":
+        return sr_condition(x, factor, size)
+    if task == "inpaint":
+        holes = random_masks(len(x), x.shape[-1]) if holes is None else holes
+        return inpaint_condition(ae, x, holes.to(x.device))
+    return None
 
 
 def train_ldm(cfg: Config):
@@ -754,11 +962,15 @@ def train_ldm(cfg: Config):
     device, autocast, x, y, data = begin(cfg)
     ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt") if cfg.resume else {}  # its own AE copy
     ae, ae_a, shape = first_stage(cfg, device, x, ck if "ae" in ck else None)
-    n_classes = max(int(y.max()) + 1, 10 if cfg.dataset == "mnist" else 1)
-    args = ldm_args(cfg, shape[0], n_classes)
+    task, img = cfg.cond, x.shape[1:]
+    labels = y[..., 0] if task == "layout" else y
+    n_classes = max(int(labels.max()) + 1, 10 if cfg.dataset.startswith("mnist") else 1)
+    captions, extra = conditions(cfg, x, y)
+    if task == "layout":
+        y = layout_tokens(y, x.shape[-1], cfg.grid)  # (N, K, 5): the context of each canvas
+    args = ldm_args(cfg, shape[0], n_classes, {"sr": img[0], "inpaint": shape[0] + 1}.get(task, 0))
     if ae is not None:
         args["ae"] = {k: v for k, v in ae_a.items() if k != "image_shape"}
-    captions, extra = conditions(cfg, x, y)
     model = LDM(**args["ldm"]).to(device)
     ema = common.EMA(model, cfg.ema_decay)
     fused = device.type == "cuda"
@@ -769,6 +981,15 @@ def train_ldm(cfg: Config):
     stats = encode_all(ae, x, device) if ae is not None else None
     g = torch.Generator().manual_seed(cfg.seed)  # the fixed noise and prompts of every grid
     grid_c = torch.arange(40) % n_classes
+    grid_cc = None  # sr, inpaint: the image conditions of 40 fixed test images
+    if task in ("sr", "inpaint"):
+        x_test = load_split(cfg, train=False)[0]
+        x_grid = to_float(x_test[torch.arange(40) % len(x_test)], device)
+        holes = random_masks(40, x.shape[-1], g)
+        grid_cc = concat_input(task, ae, x_grid, cfg.sr_factor, shape[1:], holes)
+    if task == "layout":
+        layouts = torch.tensor(extra["test_layouts"])
+        grid_c = layout_tokens(layouts[torch.arange(40) % len(layouts)], x.shape[-1], cfg.grid)
     if cfg.cond == "text":
         prompts = extra["test_prompts"]
         grid_c = tokenize([prompts[i % len(prompts)] for i in range(40)], cfg.max_len)
@@ -791,8 +1012,9 @@ def train_ldm(cfg: Config):
         xb, idx = next(data)
         x0 = xb if ae is None else draw_latents(ae, stats, idx)
         c = context_input(cfg.cond, captions, idx, y, device, cfg.max_len)  # labels or token ids
+        concat = concat_input(task, ae, xb, cfg.sr_factor, shape[1:])  # sr, inpaint: an image
         with autocast:
-            loss = ldm_loss(net, sched, x0, c, cfg.p_uncond)
+            loss = ldm_loss(net, sched, x0, c, cfg.p_uncond, concat)
         opt.zero_grad(set_to_none=True)
         loss.backward()
 
@@ -814,11 +1036,11 @@ def train_ldm(cfg: Config):
         # sample a fixed-noise grid (CFG s = 3, fixed labels or prompts, --sample-steps DDIM)
         if cfg.sample_every and common.due(done, cfg.sample_every, cfg.steps, first=200):
             if common.rank() == 0:
-                s = 1.0 if cfg.cond == "none" else 3.0
+                s = 1.0 if cfg.cond in ("none", "sr", "inpaint") else 3.0
                 path = Path(cfg.out) / f"samples_{done:06d}.png"
                 c = grid_c.to(device)
                 grid = (ema.module, ae, sched, x_T, c, s, autocast, cfg.sample_steps, path)
-                loop.aside(save_sample_grid, *grid)
+                loop.aside(save_sample_grid, *grid, concat=grid_cc)
     return model, ema.module
 
 
@@ -882,14 +1104,14 @@ def train_classifier(cfg: Config):
 
 # -----------------------------------------------------------------------------
 # sampling: guided DDIM, then the decoder
-def guided_eps(model, ctx, mask, null_ctx, null_mask, s, autocast, sched=None, log_p=None):
-    """eps(x, t) for the sampler: CFG at scale s; or, given log_p(x, t) = log p(y | x_t), the
-    unconditional prediction with classifier guidance at scale s."""
+def guided_eps(model, ctx, mask, null_ctx, null_mask, s, autocast, sched=None, log_p=None, cc=None):
+    """eps(x, t) for the sampler: CFG at scale s (cc: the concat condition); or, given
+    log_p(x, t) = log p(y | x_t), the unconditional prediction with classifier guidance."""
 
     def f(x, t):
         with autocast:
             if log_p is None:
-                return cfg_eps(model.unet, x, t, ctx, mask, null_ctx, null_mask, s).float()
+                return cfg_eps(model.unet, x, t, ctx, mask, null_ctx, null_mask, s, cc).float()
             eps = model.unet(x, t, null_ctx, null_mask).float()
         return classifier_eps(sched, eps, x, t, log_p, s)
 
@@ -897,21 +1119,24 @@ def guided_eps(model, ctx, mask, null_ctx, null_mask, s, autocast, sched=None, l
 
 
 @torch.no_grad()
-def generate(model, ae, sched, x_T, c, s, autocast, steps=50, eta=0.0, clf=None, y=None, g=None):
-    """Images in [-1, 1] from noise x_T and conditions c (labels or token ids)."""
+def generate(model, ae, sched, x_T, c, s, autocast, steps=50, eta=0.0, clf=None, y=None, g=None,
+             concat=None, after=None):  # fmt: skip
+    """Images in [-1, 1] from noise x_T and conditions c (labels, box or token ids) and concat
+    (an image condition); after(z, t_prev) edits each DDIM step's output (paste-back)."""
     ctx, mask = model.cond(c)  # computed once per batch, not per step
     null_ctx, null_mask = model.cond(c, torch.ones(len(c), dtype=torch.bool, device=c.device))
     log_p = None
     if clf is not None:  # log p(y | x_t) of the noisy classifier, per image
         log_p = lambda x, t: clf(x, t).float().log_softmax(1).gather(1, y[:, None])[:, 0]
-    eps = guided_eps(model, ctx, mask, null_ctx, null_mask, s, autocast, sched, log_p)
-    z = ddim_sample(eps, sched, x_T, steps, eta, clip=ae is None, generator=g)
+    eps = guided_eps(model, ctx, mask, null_ctx, null_mask, s, autocast, sched, log_p, concat)
+    z = ddim_sample(eps, sched, x_T, steps, eta, clip=ae is None, generator=g, after=after)
     return z if ae is None else ae.from_latent(z).clamp(-1, 1)  # z / scale_factor, decoded
 
 
-def save_sample_grid(model, ae, sched, x_T, c, s, autocast, steps, path):
+def save_sample_grid(model, ae, sched, x_T, c, s, autocast, steps, path, concat=None):
     """The EMA model's DDIM samples at guidance s from fixed noise and conditions."""
-    common.save_grid(generate(model, ae, sched, x_T, c, s, autocast, steps), path, nrow=10)
+    x = generate(model, ae, sched, x_T, c, s, autocast, steps, concat=concat)
+    common.save_grid(x, path, nrow=10)
 
 
 def load_trained(cfg: Config):
@@ -945,8 +1170,17 @@ def load_classifier(cfg: Config, ck: dict, device):
 
 
 def sampling_conditions(cfg: Config, ck: dict, kind: str, n_classes: int):
-    """(c, labels, thickness words, cycle length) of the N samples: cycled labels or prompts."""
+    """(c, labels, thickness words, cycle length) of the N samples: cycled labels or prompts;
+    for layouts (box tokens, boxes in pixels, None, 0)."""
     idx = torch.arange(cfg.sample)
+    if kind == "layout":
+        size = (ck.get("image_shape") or ck["shape"])[-1]
+        boxes = torch.tensor(ck["test_layouts"])
+        if cfg.layout:
+            boxes = pad_layouts(read_json(cfg.layout), cfg.layout)
+            check_layouts(boxes, size, n_classes, cfg.layout)
+        boxes = boxes[idx % len(boxes)]
+        return layout_tokens(boxes, size, ck["model_args"]["ldm"]["cond"]["grid"]), boxes, None, 0
     if kind == "text":
         prompts = ck.get("test_prompts", [])
         if cfg.prompt:
@@ -979,6 +1213,14 @@ def sample(cfg: Config):
     the digit each prompt names) and samples.png; --sweep adds guidance.png."""
     model, ae, sched, ck, device, autocast = load_trained(cfg)
     kind, n_classes = model.cond.kind, ck["model_args"]["ldm"]["cond"]["n_classes"]
+    if kind in ("sr", "inpaint"):
+        return sample_restoration(cfg, model, ae, sched, ck, device, autocast)
+    if cfg.input or cfg.mask:
+        common.die(f"--input and --mask need an sr or inpaint model; this one has --cond {kind}")
+    if cfg.layout and kind != "layout":
+        common.die(f"--layout needs a layout model; this one has --cond {kind}")
+    if cfg.guide == "classifier" and kind == "layout":
+        common.die("--guide classifier needs one label per image, not a layout")
     c, y, attrs, cycle = sampling_conditions(cfg, ck, kind, n_classes)
     clf = load_classifier(cfg, ck, device) if cfg.guide == "classifier" else None
     if clf is not None and (y is None or (y < 0).any()):
@@ -1003,7 +1245,9 @@ def sample(cfg: Config):
             print(f"scale {s:g}: sampled {i + len(ci)}/{cfg.sample}", flush=True)
         x = torch.cat(xs)
         out = Path(cfg.out) / "sweep" / f"{cfg.guide}_s{s:g}" if cfg.sweep else Path(cfg.out)
-        common.save_samples(out, x, y)
+        common.save_samples(out, x, (y[..., 0], y) if kind == "layout" else y)
+        if kind == "layout":  # arr_1 the labels, arr_2 the boxes; the picture shows the boxes
+            common.save_grid(draw_boxes(x[:64], y[:64]), out / "samples.png", nrow=8)
         m = min(len(x) // max(cycle, 1), 10)
         if cycle and m:  # the picture: one row per class (or prompt), m samples each
             rows = x[: m * cycle].view(m, cycle, *x.shape[1:]).transpose(0, 1).flatten(0, 1)
@@ -1023,6 +1267,150 @@ def sample(cfg: Config):
         path = Path(cfg.out) / f"guidance_{cfg.guide}.png"
         common.save_grid(torch.cat(blocks[:-1]), path, nrow=10)
         print(f"wrote {path}: a block per scale ({cfg.sweep}), same noise")
+
+
+def read_json(path: str):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        common.die(f"cannot read {path} as JSON ({type(e).__name__}: {str(e)[:100]})")
+
+
+def read_image(path: str, channels: int, size, flag: str):
+    """A user's image as (1, C, H, W) in [-1, 1]; a wrong size or channel count is an error.
+    channels 0: any image, read as grey (a mask)."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    try:
+        im = Image.open(path)
+        im.load()
+    except OSError as e:
+        common.die(f"--{flag} {path}: cannot read the image ({e})")
+    bands = len([b for b in im.getbands() if b != "A"])  # P (a palette) counts as one
+    if channels and bands != channels:
+        common.die(f"--{flag} {path}: {bands} channel(s), the model needs {channels}")
+    if (im.height, im.width) != tuple(size):
+        got, want = f"{im.height}x{im.width}", "x".join(map(str, size))
+        common.die(f"--{flag} {path}: the image is {got}, it must be {want}")
+    im = im.convert("L" if channels in (0, 1) else "RGB")
+    return pil_to_tensor(im)[None].float() / 127.5 - 1
+
+
+def psnr_db(a, b, where=None) -> torch.Tensor:
+    """PSNR in dB per image of images in [-1, 1] (as [0, 1]), over the pixels `where` is 1."""
+    where = torch.ones_like(a) if where is None else where.expand_as(a)
+    mse = (((a - b) / 2).square() * where).flatten(1).sum(1) / where.flatten(1).sum(1)
+    return -10 * torch.log10(mse.clamp(min=1e-10))
+
+
+def paste_known(x, hole, fill):
+    """The known pixels of x exactly, `fill` in the holes (hole 1 = to fill)."""
+    return torch.where(hole > 0, fill, x)
+
+
+@torch.no_grad()
+def restoration(model, ae, sched, ck, concat, s, autocast, cfg, g, after=None):
+    """DDIM samples of the sr / inpaint model for a batch of image conditions; the context is
+    the null token alone, so guidance s (1: none) weighs the image condition only."""
+    x_T = torch.randn(len(concat), *ck["shape"], device=concat.device, generator=g)
+    c = torch.zeros(len(concat), dtype=torch.long, device=concat.device)
+    steps = (cfg.sample_steps, cfg.eta)
+    return generate(model, ae, sched, x_T, c, s, autocast, *steps, g=g, concat=concat, after=after)
+
+
+def repaint_paste(sched, z_known, known, g):
+    """The unconditional baseline's paste-back after each DDIM step: latent cells whose pixels are
+    all known take z_known noised to the step's level, q(z_t | z_known) (RePaint without its
+    resampling; z_known encodes the masked image, so no unknown pixel leaks in)."""
+    cells = (F.adaptive_avg_pool2d(known, z_known.shape[-2:]) == 1).to(z_known.dtype)
+
+    def after(z, t_prev):
+        if t_prev < 0:
+            return cells * z_known + (1 - cells) * z
+        t = torch.full((len(z),), t_prev, device=z.device)
+        noise = torch.randn(z.shape, device=z.device, generator=g)
+        return cells * q_sample(sched, z_known, t, noise) + (1 - cells) * z
+
+    return after
+
+
+def sr_batch(run, ae, x, factor: int, latent_size):
+    """SR of test images x: {method: output} (bicubic and the AE's reconstruction, the ceiling,
+    beside ours) and the picture's columns low-res | bicubic | ours | target."""
+    low = F.avg_pool2d(x, factor)
+    res = dict(bicubic=F.interpolate(low, scale_factor=factor, mode="bicubic").clamp(-1, 1))
+    res["ae_reconstruction"] = x if ae is None else ae.decode(ae.encode(x)[0]).clamp(-1, 1)
+    res["ours"] = run(sr_condition(x, factor, latent_size))
+    nearest = F.interpolate(low, scale_factor=factor, mode="nearest")
+    return res, [nearest, res["bicubic"], res["ours"], x]
+
+
+def inpaint_batch(run, sched, ae, x, hole, mean_image, g):
+    """Inpainting of test images x: {method: output} (the mean image in the holes; the
+    unconditional model with paste-back; ours), every output with the known pixels pasted
+    back, and the picture's columns masked | mean fill | uncond + paste | ours | target."""
+    cc = inpaint_condition(ae, x, hole)
+    after = repaint_paste(sched, cc[:, :-1], 1 - hole, g)  # cc[:, :-1]: the masked image's latent
+    res = dict(mean_fill=paste_known(x, hole, mean_image.to(x.device)))
+    res["uncond_paste"] = paste_known(x, hole, run(cc, s=0.0, after=after))  # s = 0: eps_u
+    res["ours"] = paste_known(x, hole, run(cc))
+    return res, [paste_known(x, hole, torch.zeros_like(x)), *res.values(), x]
+
+
+def sample_restoration(cfg: Config, model, ae, sched, ck, device, autocast):
+    """sr / inpaint --sample N: the first N test images (cycled), restored, beside the baselines,
+    each into samples.npz (arr_1: the source digits' labels; baselines in <out>/baselines/*), PSNR
+    printed (inpaint: inside the holes), and samples.png rows of input | baselines | ours |
+    target. --input (and --mask): one user image instead, into <out>/<name>_<task>.png."""
+    task, factor = model.cond.kind, ck["config"]["sr_factor"]
+    s = cfg.guidance if "guidance" in cfg.given else 1.0  # LDM's restorations use no guidance
+    C, H, W = ck.get("image_shape") or ck["shape"]
+    g = torch.Generator(device).manual_seed(cfg.seed)
+
+    def run(cc, s=s, after=None):
+        return restoration(model, ae, sched, ck, cc, s, autocast, cfg, g, after)
+
+    if task == "inpaint" and bool(cfg.input) != bool(cfg.mask):
+        common.die("--input and --mask go together for an inpainting model")
+    if cfg.input:  # sr: the input is the low-res image itself (a factor of 1 passes it on)
+        x = read_image(
+            cfg.input, C, (H // factor, W // factor) if task == "sr" else (H, W), "input"
+        )
+        if task == "sr":
+            out = run(sr_condition(x.to(device), 1, ck["shape"][1:]))
+        else:
+            hole = (read_image(cfg.mask, 0, (H, W), "mask") > 0).float().to(device)  # white: fill
+            x = x.to(device)
+            out = paste_known(x, hole, run(inpaint_condition(ae, x, hole)))
+        path = Path(cfg.out) / f"{Path(cfg.input).stem}_{task}.png"
+        common.save_grid(out, path, nrow=1)
+        return print(f"wrote {path}")
+    x_u8, y = load_split(common.from_run(cfg, ck), train=False)
+    idx = torch.arange(cfg.sample) % len(x_u8)
+    holes = random_masks(cfg.sample, W, torch.Generator().manual_seed(cfg.seed))  # test masks
+    outs, rows = {}, []
+    for i in range(0, cfg.sample, cfg.batch_size):
+        x = to_float(x_u8[idx[i : i + cfg.batch_size]], device)
+        hole = holes[i : i + len(x)].to(device)
+        if task == "sr":
+            res, shown = sr_batch(run, ae, x, factor, ck["shape"][1:])
+        else:
+            res, shown = inpaint_batch(run, sched, ae, x, hole, ck["mean_image"], g)
+        where = hole if task == "inpaint" else None
+        for k, v in res.items():
+            outs.setdefault(k, []).append((v.cpu(), psnr_db(v, x, where).cpu()))
+        rows.append(torch.stack(shown, 1)[:8].cpu())  # (b, columns, C, H, W)
+        print(f"{task}: restored {i + len(x)}/{cfg.sample}", flush=True)
+    for k, v in outs.items():
+        out = Path(cfg.out) if k == "ours" else Path(cfg.out) / "baselines" / k
+        common.save_samples(out, torch.cat([a for a, _ in v]), y[idx])
+        psnr = round(torch.cat([b for _, b in v]).mean().item(), 3)
+        row = {"task": task, "method": k, "n": cfg.sample, "step": ck["step"], "guidance": s}
+        print(json.dumps(row | {"psnr_in_holes" if task == "inpaint" else "psnr": psnr}))
+    rows = torch.cat(rows)[:8]
+    common.save_grid(rows.flatten(0, 1), Path(cfg.out) / "samples.png", nrow=rows.shape[1])
+    print(f"wrote {cfg.out}/samples.npz (ours), baselines/*/samples.npz, samples.png (a row each)")
 
 
 def train(cfg: Config):

@@ -306,12 +306,14 @@ def save_grid(x: torch.Tensor, path, nrow: int = 8, value_range=(-1, 1)):
 
 
 def save_samples(out, x: torch.Tensor, y=None, nrow=None, value_range=(-1, 1)):
-    """The --sample contract: <out>/samples.npz (arr_0 uint8 NHWC, arr_1 labels) + samples.png."""
+    """The --sample contract: <out>/samples.npz (arr_0 uint8 NHWC, arr_1 labels) + samples.png;
+    y may be a list of arrays (arr_1, arr_2, ...)."""
     lo, hi = value_range
     u8 = ((x.float().clamp(lo, hi) - lo) * 255 / (hi - lo)).round().to(torch.uint8)
     u8 = u8.permute(0, 2, 3, 1)  # (N, H, W, C)
     Path(out).mkdir(parents=True, exist_ok=True)
-    labels = [] if y is None else [y.cpu().numpy()]
+    ys = list(y) if isinstance(y, (list, tuple)) else [y]  # arr_1, arr_2, ...
+    labels = [v.cpu().numpy() for v in ys if v is not None]
     np.savez(Path(out) / "samples.npz", u8.cpu().numpy(), *labels)
     nrow = nrow or int(math.sqrt(min(len(x), 256)))
     save_grid(x[:256], Path(out) / "samples.png", nrow, value_range)

@@ -19,6 +19,10 @@ Metrics, samples against the test split (--real: test split against the train sp
   digits only: is (classifier Inception Score), confidence (mean max-softmax), label_entropy
              (entropy of the predicted-label histogram, nats; ln 10 = 2.303 is uniform),
              cond_acc (share classified as the requested label, when arr_1 is present)
+  --boxes    layouts (arr_2: (N, K, 5) boxes label, x0, y0, x1, y1 in pixels, -1 rows padding):
+             every box cropped, resized to 28x28 and classified: box_acc against its label;
+             ink_outside (ink outside all boxes / ink inside them). No FID: canvases are not
+             digits.
 One JSON line is printed and appended to <samples dir>/metrics.jsonl.
 """
 
@@ -200,11 +204,13 @@ def inception_features(x_u8: torch.Tensor, batch=100) -> torch.Tensor:
     return torch.cat(out)
 
 
-def load_npz(path):
+def load_npz(path, boxes=False):
     try:
         z = np.load(path)
         x = torch.from_numpy(z["arr_0"])
         y = torch.from_numpy(z["arr_1"]).long() if "arr_1" in z.files else None
+        if boxes:  # the layouts, in place of the labels
+            y = torch.from_numpy(z["arr_2"]).long()
     except Exception as e:
         common.die(f"cannot read samples from {path}: {type(e).__name__}: {str(e)[:120]}")
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] not in (1, 3) or len(x) < 2:
@@ -215,9 +221,34 @@ def load_npz(path):
     return x.permute(0, 3, 1, 2).contiguous(), y  # (N, C, H, W)
 
 
+def box_scores(net, x_u8, boxes) -> dict:
+    """Layout samples: box_acc (each box's crop, resized to 28x28, classified as its label) and
+    ink_outside (total brightness outside every box over that inside them)."""
+    real = (boxes[..., 0] >= 0).nonzero().tolist()
+    b = boxes[boxes[..., 0] >= 0]
+    H, W = x_u8.shape[-2:]
+    if (
+        (b[:, 1:3] < 0).any()
+        or (b[:, 3] > W).any()
+        or (b[:, 4] > H).any()
+        or (b[:, 1:3] >= b[:, 3:]).any()
+    ):
+        common.die(f"arr_2 holds a box that is not inside the {H}x{W} images")
+    crops, inside = [], torch.zeros(x_u8.shape, dtype=torch.bool)
+    for i, k in real:
+        _, x0, y0, x1, y1 = boxes[i, k].tolist()
+        crop = x_u8[i : i + 1, :1, y0:y1, x0:x1].float()
+        crops.append(F.interpolate(crop, (28, 28), mode="bilinear", antialias=True))
+        inside[i, :, y0:y1, x0:x1] = True
+    p = digit_outputs(net, torch.cat(crops).round().clamp(0, 255).to(torch.uint8))[1]
+    ink = x_u8.double()
+    out = {"boxes": len(real), "box_acc": (p.argmax(1) == b[:, 0]).double().mean().item()}
+    return out | {"ink_outside": (ink[~inside].sum() / ink[inside].sum().clamp(min=1)).item()}
+
+
 def evaluate(args) -> dict:
     digits = args.dataset in ("mnist", "fashion")
-    x, y = (None, None) if args.real else load_npz(args.samples)  # a bad file fails before any work
+    x, y = (None, None) if args.real else load_npz(args.samples, args.boxes)  # fails before work
     cfg = common.Config(dataset=args.dataset, data_dir=args.data_dir, download=args.download)
     cfg.image_size = 28 if digits else args.image_size
     x_tr, y_tr = common.load_images(cfg, train=True)
@@ -227,6 +258,9 @@ def evaluate(args) -> dict:
     x = x[: args.n] if args.n else x
     y = y[: len(x)] if y is not None else None
     res = {"samples": "real test split" if args.real else str(args.samples)}
+    if args.boxes:
+        net, acc = digit_net(args, x_tr, y_tr, x_te, y_te)
+        return res | {"n": len(x), "digit_net_test_acc": acc} | box_scores(net, x, y)
     res |= {"n": len(x), "n_ref": len(ref)}
     if digits:
         if x.shape[1] == 3:
@@ -255,11 +289,14 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=0, help="RGB datasets: reference size")
     p.add_argument("--real", action="store_true", help="score the real test split against train")
     p.add_argument("--n", type=int, default=0, help="use only the first N samples (0: all)")
+    p.add_argument("--boxes", action="store_true", help="score layouts (arr_2) box by box")
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "generative-models"
     p.add_argument("--cache-dir", default=str(cache), help="where the feature classifier is kept")
     args = p.parse_args(argv)
     if not args.real and not args.samples:
         common.die("give a samples.npz, or --real for the real-data floor")
+    if args.boxes and (args.real or args.dataset != "mnist"):
+        common.die("--boxes scores samples of MNIST layouts: give a samples.npz, --dataset mnist")
     if not args.real and not Path(args.samples).is_file():
         common.die(f"no such file: {args.samples}")
     signal.signal(signal.SIGINT, common.interrupted)  # Ctrl-C: one line, no traceback

@@ -113,7 +113,7 @@ def test_tokenizer_takes_any_string():
 def test_null_context_rate_and_gradient():
     p, n, seen = 0.1, 40000, []
 
-    def fake(x, t, c, drop):
+    def fake(x, t, c, drop, concat):
         seen.append(drop)
         return torch.zeros_like(x)
 
@@ -179,18 +179,18 @@ def test_thickness_splits_each_digit_into_thirds():
     assert counts.min() >= 28 and counts.max() <= 32
 
 
-def test_folder_captions_in_load_order_and_missing_ones_are_an_error(tmp_path, capsys):
+def test_folder_metadata_in_load_order_and_missing_ones_are_an_error(tmp_path, capsys):
     from PIL import Image
 
     for i in range(3):
         Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
     rows = [{"file_name": f"{i}.png", "text": f"caption {i}"} for i in (2, 0, 1)]
     (tmp_path / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)))
-    assert L.folder_captions(str(tmp_path)) == ["caption 0", "caption 1", "caption 2"]
+    assert L.folder_metadata(str(tmp_path), "text") == ["caption 0", "caption 1", "caption 2"]
     (tmp_path / "metadata.jsonl").write_text(json.dumps(rows[0]))
     with pytest.raises(SystemExit) as e:
-        L.folder_captions(str(tmp_path))
-    assert e.value.code == 2 and "no caption for 2 images" in capsys.readouterr().err
+        L.folder_metadata(str(tmp_path), "text")
+    assert e.value.code == 2 and "no text for 2 images" in capsys.readouterr().err
 
 
 # --- the CLI: three stages, exact resume, sampling, bad input
@@ -293,19 +293,237 @@ def test_ddp_two_gloo_ranks_stay_identical(fake_mnist, tmp_path):
         assert all(torch.equal(w0[k], w1[k]) for k in w0), name
 
 
+def dropped_over_conditional(out, x):
+    """L_simple with the condition dropped over L_simple with it, on the same z_0, t and eps:
+    above 1 when the trained model uses its condition."""
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    model, ae = L.LDM(**ck["model_args"]["ldm"]).eval(), L.AutoencoderKL(**ck["model_args"]["ae"])
+    model.load_state_dict(ck["ema"])
+    ae.load_state_dict(ck["ae"])
+    task, g = model.cond.kind, torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        z0 = ae.to_latent(x, g)
+        t = torch.randint(50, 100, (len(x),), generator=g)  # where the condition matters most
+        eps = torch.randn(z0.shape, generator=g)
+        zt, c = L.q_sample(L.make_schedule(100), z0, t, eps), torch.zeros(len(x)).long()
+        cc = L.concat_input(task, ae, x, 4, z0.shape[-2:], L.random_masks(len(x), 28, g))
+        loss = lambda drop: (model(zt, t, c, torch.full((len(x),), drop), cc) - eps).square().mean()
+        return (loss(True) / loss(False)).item()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_autoencoder_and_latent_diffusion_learn_on_real_digits(tmp_path):
-    """The AE reaches 17 dB test PSNR in 150 steps; 150 LDM steps bring L_simple down by a third."""
-    base = [
-        "--data-dir",
-        SHARED_DATA,
-        "--out",
-        tmp_path,
-        "--batch-size 32 --lr 1e-3 --sample-every 0",
-    ]
-    p = run("cfg_ldm.py", *base, "--stage ae --tiny --steps 150 --log-every 50", timeout=600)
+    """The AE reaches 17 dB test PSNR in 150 steps; 150 LDM steps bring L_simple down by a third;
+    the SR and inpainting models learn to use their conditions."""
+    base = ["--data-dir", SHARED_DATA, "--batch-size 32 --lr 1e-3 --sample-every 0"]
+    base += ["--log-every 25 --tiny"]
+    p = run("cfg_ldm.py", *base, "--out", tmp_path, "--stage ae --steps 150", timeout=600)
     assert float(p.stdout.split("test PSNR ")[1].split()[0]) > 17, p.stdout
-    run("cfg_ldm.py", *base, "--stage ldm --tiny --steps 150 --log-every 25", timeout=600)
+    run("cfg_ldm.py", *base, "--out", tmp_path, "--stage ldm --steps 150", timeout=600)
     ls = logged(tmp_path)
     assert ls[150] < 0.67 * ls[25], ls
+    x = L.to_float(L.load_split(L.Config(data_dir=str(SHARED_DATA)), train=False)[0][:256], "cpu")
+    for task in ("sr", "inpaint"):
+        (tmp_path / task).mkdir()
+        (tmp_path / task / "ae.pt").write_bytes((tmp_path / "ae.pt").read_bytes())
+        flags = f"--stage ldm --steps 150 --cond {task} --T 100"
+        run("cfg_ldm.py", *base, "--out", tmp_path / task, flags, timeout=600)
+        ratio = dropped_over_conditional(tmp_path / task, x)
+        print("RATIO", task, ratio)
+        assert ratio > 1.1, (task, ratio)
+
+
+# --- layout, super-resolution, inpainting
+def test_layout_tokens_are_a_set_and_padding_is_masked():
+    """Permuting a layout's boxes, or adding padding rows (whatever their values), leaves eps
+    unchanged for the same noise; another layout changes it."""
+    model, x, t = tiny_ldm("layout"), torch.randn(2, 4, 8, 8), torch.tensor([3, 900])
+    boxes = torch.tensor([[[3, 1, 2, 20, 30], [7, 25, 0, 31, 9], [-1] * 5]] * 2)
+    boxes[1, 2] = torch.tensor([0, 4, 4, 9, 9])
+    eps = model(x, t, boxes)
+    perm = boxes[:, [2, 0, 1]]
+    assert torch.allclose(model(x, t, perm), eps, atol=1e-5)
+    padded = torch.cat([boxes, torch.full((2, 2, 5), -1)], 1)
+    padded[:, 3, 1:] = torch.tensor([5, 6, 7, 8])  # a padding row (label -1) with coordinates
+    assert torch.allclose(model(x, t, padded), eps, atol=1e-5)
+    moved = boxes.clone()
+    moved[:, 0, 1] += 5
+    assert (model(x, t, moved) - eps).abs().max() > 1e-3
+
+
+def test_canvases_hold_each_digit_in_its_box_and_nothing_else():
+    """Digit d is the constant image d + 1, so every box must hold one value exactly, its label
+    must be that digit's, and every pixel outside the boxes must be 0."""
+    x, y = (
+        (torch.arange(12) + 1).to(torch.uint8).view(12, 1, 1, 1).expand(12, 1, 28, 28),
+        torch.arange(12) % 10,
+    )
+    canvas, boxes = L.make_canvases(x, y, 40, seed=3)
+    again = L.make_canvases(x, y, 40, seed=3)
+    assert torch.equal(canvas, again[0]) and torch.equal(boxes, again[1])
+    assert not torch.equal(boxes, L.make_canvases(x, y, 40, seed=4)[1])
+    inside = torch.zeros_like(canvas, dtype=torch.bool)
+    for i, k in (boxes[..., 0] >= 0).nonzero().tolist():
+        label, x0, y0, x1, y1 = boxes[i, k].tolist()
+        assert 20 <= x1 - x0 <= 40 and 20 <= y1 - y0 <= 40 and x1 <= 64 and y1 <= 64
+        assert not inside[i, :, y0:y1, x0:x1].any()  # no two boxes overlap
+        inside[i, :, y0:y1, x0:x1] = True
+        v = canvas[i, :, y0:y1, x0:x1].unique()
+        assert len(v) == 1 and y[int(v) - 1] == label
+    assert (canvas[~inside] == 0).all() and (boxes[:, 0, 0] >= 0).all()
+    n = (boxes[..., 0] >= 0).sum(1)
+    assert n.max() <= 3 and len(n.unique()) > 1
+
+
+def test_layout_tokens_quantise_corners_to_the_grid():
+    boxes = torch.tensor([[[2, 0, 32, 64, 63], [-1] * 5]])
+    assert L.layout_tokens(boxes, 64, 32).tolist() == [[[2, 0, 16, 31, 31], [-1] * 5]]
+
+
+def test_concat_conditions():
+    """The U-Net's input channels are the latent's plus the condition's; SR's condition is the
+    block mean; the condition is zeroed where the context is dropped; paste-back is exact."""
+    cfg = L.Config(tiny=True, cond="sr")
+    assert L.ldm_args(cfg, 4, 10, 1)["ldm"]["unet"]["in_ch"] == 5
+    x = torch.randn(3, 1, 28, 28)
+    blocks = x.view(3, 1, 7, 4, 7, 4).mean((3, 5))
+    assert torch.allclose(L.sr_condition(x, 4, (7, 7)), blocks, atol=1e-6)
+    model, z, t = tiny_ldm("inpaint", in_ch=4), torch.randn(3, 4, 7, 7), torch.tensor([1, 50, 99])
+    unet = dict(in_ch=9, out_ch=4, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,))
+    model = L.LDM(dict(unet, heads=2, ctx_dim=32), dict(kind="inpaint", dim=32)).eval()
+    cc, drop, c = torch.randn(3, 5, 7, 7), torch.tensor([True, False, True]), torch.zeros(3).long()
+    mixed = model(z, t, c, drop, cc)
+    assert torch.equal(mixed[drop], model(z, t, c, drop, torch.zeros_like(cc))[drop])
+    assert torch.equal(mixed[~drop], model(z, t, c, drop * 0 > 0, cc)[~drop])
+    hole = L.random_masks(3, 28, torch.Generator().manual_seed(0))
+    out = L.paste_known(x, hole, torch.randn_like(x))
+    assert torch.equal(out[hole == 0], x[hole == 0]) and not torch.equal(out, x)
+    assert torch.equal(L.paste_known(x, torch.zeros_like(hole), torch.randn_like(x)), x)
+    cond = L.inpaint_condition(None, x, hole)  # --pixel: the masked image and the known share
+    assert torch.equal(cond[:, 1:], 1 - hole) and (cond[:, :1][hole > 0] == 0).all()
+
+
+def test_masks_cover_a_fifth_to_three_fifths_and_repeat_for_a_seed():
+    for n, size in ((200, 28), (60, 64)):
+        m = L.random_masks(n, size, torch.Generator().manual_seed(1))
+        share = m.flatten(1).mean(1)
+        assert 0.2 <= share.min() and share.max() <= 0.6 and set(m.unique().tolist()) == {0, 1}
+        rect = m.flatten(1).sum(1) == m.amax(2).sum((1, 2)) * m.amax(3).sum((1, 2))  # a box
+        assert 0.3 < rect.float().mean() < 0.7  # both kinds
+    again = L.random_masks(60, 64, torch.Generator().manual_seed(1))
+    assert torch.equal(m, again)
+
+
+def test_repaint_paste_keeps_only_wholly_known_latent_cells():
+    sched, g = L.make_schedule(100), torch.Generator().manual_seed(0)
+    known = torch.ones(1, 1, 8, 8)
+    known[..., :3, :3] = 0  # cell (0, 0) of the 2x2 latent is partly unknown
+    z_known, z = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+    out = L.repaint_paste(sched, z_known, known, g)(z, -1)
+    assert torch.equal(out[..., 0, 0], z[..., 0, 0]) and torch.equal(
+        out[..., 1, :], z_known[..., 1, :]
+    )
+    noised = L.repaint_paste(sched, z_known, known, g)(z, 99)
+    assert torch.equal(noised[..., 0, 0], z[..., 0, 0]) and not torch.equal(
+        noised[..., 1, 1], z_known[..., 1, 1]
+    )
+
+
+def test_bad_user_inputs_are_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    def error(fn, *args):
+        with pytest.raises(SystemExit) as e:
+            fn(*args)
+        assert e.value.code == 2
+        return capsys.readouterr().err
+
+    Image.fromarray(np.zeros((7, 7), np.uint8)).save(tmp_path / "grey7.png")
+    Image.fromarray(np.zeros((7, 7, 3), np.uint8)).save(tmp_path / "rgb7.png")
+    assert L.read_image(str(tmp_path / "grey7.png"), 1, (7, 7), "input").shape == (1, 1, 7, 7)
+    assert "is 7x7, it must be 28x28" in error(
+        L.read_image, str(tmp_path / "grey7.png"), 1, (28, 28), "mask"
+    )
+    assert "3 channel(s), the model needs 1" in error(
+        L.read_image, str(tmp_path / "rgb7.png"), 1, (7, 7), "input"
+    )
+    assert "cannot read" in error(L.read_image, str(tmp_path / "none.png"), 1, (7, 7), "input")
+    boxes = L.pad_layouts([[[3, 0, 0, 20, 20]], [[1, 40, 40, 70, 60], [2, 0, 0, 5, 5]]], "f")
+    assert boxes.shape == (2, 2, 5) and boxes[0, 1].tolist() == [-1] * 5
+    assert "not inside the 64x64 canvas" in error(L.check_layouts, boxes, 64, 10, "f")
+    assert "label 12 is out of range 0-9" in error(
+        L.check_layouts, L.pad_layouts([[[12, 0, 0, 9, 9]]], "f"), 64, 10, "f"
+    )
+    assert "a layout is a list" in error(L.pad_layouts, [[[1, 2, 3]]], "f")
+    assert "non-negative" in error(L.pad_layouts, [[[1, -2, 3, 4, 5]]], "f")
+    u8, y = torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2).long()
+    msg = error(L.conditions, L.Config(cond="sr", sr_factor=3), u8, y)
+    assert "--sr-factor 3 does not divide the image size 28" in msg
+    msg = error(L.check_flags, L.Config(stage="ldm", cond="layout"))
+    assert "--cond layout: --stage ldm on --dataset mnist-layout" in msg
+    msg = error(L.check_flags, L.Config(stage="ldm", dataset="mnist-layout"))
+    assert "is for --cond layout, not --cond class" in msg
+
+
+@pytest.mark.slow
+def test_cli_layout_sr_inpaint_resume_exactly_and_sample(fake_mnist, tmp_path):
+    """Each task: 3 steps in one go equal 2 steps, --resume, 1 more; then --sample, --input,
+    --mask, --layout, and their bad inputs as one line."""
+    from PIL import Image
+
+    tasks = {
+        "sr": "--cond sr",
+        "inpaint": "--cond inpaint",
+        "layout": "--cond layout --dataset mnist-layout",
+    }
+    for task, flags in tasks.items():
+        a, b = tmp_path / task / "a", tmp_path / task / "b"
+        a.mkdir(parents=True)
+        b.mkdir()
+        if task != "inpaint":  # inpaint shares sr's autoencoder; layout's sees 64x64 canvases
+            extra = "--dataset mnist-layout --f 8" if task == "layout" else ""
+            stage(a, fake_mnist, "ae", "--steps 1", *extra.split())
+        ae = (tmp_path / ("sr" if task == "inpaint" else task) / "a" / "ae.pt").read_bytes()
+        for d in (a, b):
+            (d / "ae.pt").write_bytes(ae)
+        stage(a, fake_mnist, "ldm", "--steps 3", *flags.split())
+        stage(b, fake_mnist, "ldm", "--steps 2", *flags.split())
+        stage(b, fake_mnist, "ldm", "--steps 3 --resume", *flags.split())
+        ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
+        assert ca["step"] == cb["step"] == 3 and ca["data"] == cb["data"]
+        same(ca, cb, ("model", "ema"))
+    sample = lambda task, *f, check=True: run(
+        "cfg_ldm.py", "--out", tmp_path / task / "a", "--sample 3 --sample-steps 2", *f, check=check
+    )
+    p = sample("sr")
+    rows = [json.loads(r) for r in p.stdout.splitlines() if r.startswith("{")]
+    assert [r["method"] for r in rows] == ["bicubic", "ae_reconstruction", "ours"]
+    z = np.load(tmp_path / "sr" / "a" / "baselines" / "bicubic" / "samples.npz")
+    assert z["arr_0"].shape == (3, 28, 28, 1) and len(z["arr_1"]) == 3
+    p = sample("inpaint")
+    assert '"method": "uncond_paste"' in p.stdout and "psnr_in_holes" in p.stdout
+    img = np.random.default_rng(0).integers(0, 256, (28, 28)).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "x.png")
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "black.png")
+    Image.fromarray(np.zeros((14, 14), np.uint8)).save(tmp_path / "small.png")
+    sample("inpaint", "--input", tmp_path / "x.png", "--mask", tmp_path / "black.png")
+    got = np.array(Image.open(tmp_path / "inpaint" / "a" / "x_inpaint.png").convert("L"))
+    assert np.array_equal(got, img)  # all known: the input itself, bit for bit
+    p = sample(
+        "inpaint", "--input", tmp_path / "x.png", "--mask", tmp_path / "small.png", check=False
+    )
+    assert_one_line_error(p, "the image is 14x14, it must be 28x28")
+    assert_one_line_error(
+        sample("sr", "--input", tmp_path / "x.png", check=False), "it must be 7x7"
+    )
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps([[[3, 0, 0, 30, 30], [5, 32, 32, 64, 60]], [[1, 10, 10, 40, 40]]]))
+    sample("layout", "--layout", layout)
+    z = np.load(tmp_path / "layout" / "a" / "samples.npz")
+    assert z["arr_0"].shape == (3, 64, 64, 1) and z["arr_1"].tolist()[1] == [1, -1]
+    assert z["arr_2"].shape == (3, 2, 5) and z["arr_2"][2].tolist()[1] == [5, 32, 32, 64, 60]
+    layout.write_text(json.dumps([[[3, 0, 0, 30, 80]]]))
+    assert_one_line_error(sample("layout", "--layout", layout, check=False), "not inside the 64x64")
+    p = sample("layout", "--input", tmp_path / "x.png", check=False)
+    assert_one_line_error(p, "--input and --mask need an sr or inpaint model")

@@ -83,6 +83,29 @@ def test_malformed_samples_are_one_line_errors(tmp_path):
     )
 
 
+def test_box_scores_crop_each_box_and_weigh_ink_outside():
+    """A stand-in classifier reads a crop's label from its brightness (label d: value 20 d + 10),
+    so box_acc and ink_outside have exact values."""
+
+    def net(x):  # x: (B, 1, 28, 28) in [-1, 1]
+        d = (((x + 1) * 127.5).mean((1, 2, 3)) - 10) / 20
+        return x.flatten(1), torch.nn.functional.one_hot(d.round().long().clamp(0, 9), 10).double()
+
+    x = torch.zeros(2, 1, 64, 64, dtype=torch.uint8)
+    boxes = torch.tensor([[[3, 0, 0, 20, 30], [5, 30, 30, 64, 64]], [[7, 10, 5, 40, 25], [-1] * 5]])
+    for i, k in (boxes[..., 0] >= 0).nonzero().tolist():
+        d, x0, y0, x1, y1 = boxes[i, k].tolist()
+        x[i, :, y0:y1, x0:x1] = 20 * d + 10
+    assert E.box_scores(net, x, boxes) == {"boxes": 3, "box_acc": 1.0, "ink_outside": 0.0}
+    inside = x.double().sum().item()
+    x[1, 0, 60, 0] = 255  # one bright pixel outside every box
+    boxes[0, 1, 0] = 4  # one box asks for another digit
+    res = E.box_scores(net, x, boxes)
+    assert res["box_acc"] == pytest.approx(2 / 3) and res["ink_outside"] == pytest.approx(
+        255 / inside
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_real_digits_floor_and_a_collapsed_set(tmp_path):
