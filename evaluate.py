@@ -162,6 +162,7 @@ def classifier_scores(p: torch.Tensor, labels=None) -> dict:
 # feature networks with their caches
 def digit_net(args, x_train, y_train, x_test, y_test):
     key = hashlib.sha1(x_train.numpy().tobytes() + y_train.numpy().tobytes()).hexdigest()[:12]
+    key += "" if args.epochs == 12 else f"_e{args.epochs}"  # a shorter recipe is kept apart
     path = Path(args.cache_dir) / f"{args.dataset}_cnn_{key}.pt"
     net = DigitCNN()
     if path.is_file():
@@ -173,7 +174,7 @@ def digit_net(args, x_train, y_train, x_test, y_test):
         f"4-6 minutes on 2 CPU cores), cached in {path}",
         file=sys.stderr,
     )
-    net = train_classifier(x_train, y_train)
+    net = train_classifier(x_train, y_train, args.epochs)
     acc = (digit_outputs(net, x_test)[1].argmax(1) == y_test).double().mean().item()
     common.save_ckpt(path, {"step": 0, "model": net.state_dict(), "test_acc": acc})
     return net, acc
@@ -292,7 +293,10 @@ def main(argv=None):
     p.add_argument("--boxes", action="store_true", help="score layouts (arr_2) box by box")
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "generative-models"
     p.add_argument("--cache-dir", default=str(cache), help="where the feature classifier is kept")
+    p.add_argument("--epochs", type=int, default=12, help="digits: the feature CNN's training")
     args = p.parse_args(argv)
+    if args.epochs < 1:
+        common.die(f"--epochs {args.epochs}: the feature classifier needs at least one epoch")
     if not args.real and not args.samples:
         common.die("give a samples.npz, or --real for the real-data floor")
     if args.boxes and (args.real or args.dataset != "mnist"):
