@@ -74,3 +74,24 @@ def torchrun(module, *args):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     return p
+
+
+def stop_after(script, *args, step: int, timeout=120) -> int:
+    """Start a training run (logging every step) and send SIGTERM once it has logged `step`:
+    it saves at the next step boundary and exits 0, as Ctrl-C does. Returns the saved step."""
+    import signal
+
+    import torch
+
+    args = [w for a in args for w in (a.split() if isinstance(a, str) and a[:1] == "-" else [a])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE)
+    for line in p.stdout:
+        if line.startswith(f"step {step}/"):
+            p.send_signal(signal.SIGTERM)
+            break
+    p.communicate(timeout=timeout)
+    assert p.returncode == 0, p.returncode
+    out = Path(args[args.index("--out") + 1])
+    return torch.load(out / "ckpt.pt", weights_only=True)["step"]
