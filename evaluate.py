@@ -264,8 +264,8 @@ def evaluate(args) -> dict:
         return res | {"n": len(x), "digit_net_test_acc": acc} | box_scores(net, x, y)
     res |= {"n": len(x), "n_ref": len(ref)}
     if digits:
-        if x.shape[1] == 3:
-            x = x.float().mean(1, keepdim=True).round().to(torch.uint8)  # RGB digits -> grey
+        if x.shape[1] == 3:  # RGB digits -> grey: the ink of any colour (stargan.py's styles)
+            x = x.amax(1, keepdim=True)
         net, acc = digit_net(args, x_tr, y_tr, x_te, y_te)
         res |= {"features": f"{args.dataset}-cnn-128 (ours; test acc {acc:.4f})"}
         (f, p), (f_ref, _) = digit_outputs(net, x), digit_outputs(net, ref)

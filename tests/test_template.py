@@ -17,13 +17,14 @@ from conftest import ROOT, assert_one_line_error, run
 import common
 
 MODELS = ["ddpm_ddim", "gan", "cgan_pix2pix", "vae", "vqvae", "flow", "cfg_ldm"]
+UNPAIRED = ["cyclegan", "stargan"]  # their own data layouts (piles, attributes): own tests
 
 
-@pytest.mark.parametrize("script", MODELS + ["evaluate", "bench"])
+@pytest.mark.parametrize("script", MODELS + UNPAIRED + ["evaluate", "bench"])
 def test_help_exits_0_and_every_flag_has_help(script):
     p = run(f"{script}.py", "-h")
     assert p.returncode == 0 and "Traceback" not in p.stderr
-    if script in MODELS:  # every Config field, through the same parser the script builds
+    if script in MODELS + UNPAIRED:  # every Config field, through the same parser the script builds
         cls = importlib.import_module(script).Config
         helps = common.field_help(cls)
         for f in dataclasses.fields(cls):
