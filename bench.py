@@ -8,6 +8,8 @@ Speed: training and sampling throughput of each model file, optionally beside pe
   python bench.py --models gan --image-size 28 --channels 1       # gan.py and cgan_pix2pix.py
   python bench.py --models flow --image-size 28 --channels 1      # flow.py: Glow, RealNVP
   python bench.py --models cfg_ldm --image-size 28 --channels 1   # latent vs pixel U-Net
+  python bench.py --models cyclegan --image-size 256 --batch-size 1  # the paper's CycleGAN
+  python bench.py --models stargan --image-size 128 --batch-size 16  # the paper's StarGAN
 
 Training img/s: one full optimizer step as the training loop runs it (loss under autocast,
 backward, grad clip, AdamW, EMA update) on a batch already on the device, timed after warm-up
@@ -409,6 +411,86 @@ def bench_cfg_ldm(args, device, autocast):
     return rows, [f"latents/pixels training: {ratio:.1f}x ({enc:.1f}x encoding every batch)"]
 
 
+def bench_cyclegan(args, device, autocast):
+    """cyclegan.py: one whole training step as its loop runs it (both Gs on the adversarial,
+    cycle and identity losses, the pools, both Ds), and G_AB alone for sampling; the paper's
+    networks at --image-size (9 blocks from 256 px, 70x70 PatchGAN from 128 px). Peak memory of
+    the training step on CUDA."""
+    import cyclegan as CG
+
+    B, C, S = args.batch_size, args.channels, args.image_size
+    kw = CG.model_args(CG.Config(tiny=args.tiny), C, S)
+    nets = {k: (CG.Generator if k[0] == "G" else CG.PatchDiscriminator)(**v) for k, v in kw.items()}
+    G_AB, G_BA, D_A, D_B = (nets[k].to(device) for k in ("G_AB", "G_BA", "D_A", "D_B"))
+    run = [torch.compile(m) if args.compile else m for m in (G_AB, G_BA, D_A, D_B)]
+    adam = lambda *ms: torch.optim.Adam(
+        [p for m in ms for p in m.parameters()],
+        2e-4,
+        betas=(0.5, 0.999),
+        fused=device.type == "cuda",
+    )
+    opt_g, opt_d, pools = adam(G_AB, G_BA), adam(D_A, D_B), (CG.ImagePool(50), CG.ImagePool(50))
+    a, b = (torch.rand(B, C, S, S, device=device) * 2 - 1 for _ in range(2))
+
+    def step():
+        with autocast:
+            fa, fb, _ = CG.g_step(run[0], run[1], D_A, D_B, opt_g, a, b)
+        fa, fb = pools[0].query(fa), pools[1].query(fb)
+        with autocast:
+            CG.d_step(run[2], run[3], opt_d, a, b, fa, fb)
+
+    timed(step, device, args.warmup)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rate = round(B / timed(step, device, args.iters), 1)
+    row = {"model": f"cyclegan.py {S}px, {kw['G_AB']['n_blocks']} blocks", "train_img_s": rate}
+    if device.type == "cuda":
+        row["peak_mem_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    x = torch.rand(args.sample_batch, C, S, S, device=device) * 2 - 1
+    with autocast:
+        t = timed(lambda: CG.translate(run[0], x), device, args.iters)
+    row |= {"sample_img_s": round(len(x) / t, 1), "params_M": params(G_AB) * 2 + params(D_A) * 2}
+    return [row], []
+
+
+def bench_stargan(args, device, autocast):
+    """stargan.py with 5 attributes (the paper's CelebA setup): 5 D steps (WGAN-GP, domain loss)
+    and one G step, as its loop runs them, counted as 5 training steps of a batch each; sampling
+    is G alone. Peak memory of training on CUDA."""
+    import stargan as SG
+
+    B, C, S = args.batch_size, args.channels, args.image_size
+    kw = SG.model_args(SG.Config(tiny=args.tiny), C, S, 5)
+    G, D = SG.Generator(**kw["G"]).to(device), SG.Discriminator(**kw["D"]).to(device)
+    G_, D_ = (torch.compile(m) if args.compile else m for m in (G, D))
+    fused = device.type == "cuda"
+    opt_g = torch.optim.Adam(G.parameters(), 1e-4, betas=(0.5, 0.999), fused=fused)
+    opt_d = torch.optim.Adam(D.parameters(), 1e-4, betas=(0.5, 0.999), fused=fused)
+    x = torch.rand(B, C, S, S, device=device) * 2 - 1
+    c = torch.cat([torch.eye(3)[torch.randint(3, (B,))], torch.randint(2, (B, 2))], 1).to(device)
+    groups = [[0, 1, 2]]  # three hair colours, then two binary attributes
+
+    def step():
+        for _ in range(5):
+            with autocast:
+                SG.d_step(G_, D_, opt_d, x, c, SG.shuffled_targets(c), groups)
+        with autocast:
+            SG.g_step(G_, D, opt_g, x, c, SG.shuffled_targets(c), groups)
+
+    timed(step, device, max(1, args.warmup // 5))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rate = round(5 * B / timed(step, device, max(1, args.iters // 5)), 1)
+    row = {"model": f"stargan.py {S}px, D {kw['D']['n_layers']} layers", "train_img_s": rate}
+    if device.type == "cuda":
+        row["peak_mem_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    xs = torch.rand(args.sample_batch, C, S, S, device=device) * 2 - 1
+    with autocast:
+        t = timed(lambda: SG.translate(G_, xs, c[:1].expand(len(xs), -1)), device, args.iters)
+    row |= {"sample_img_s": round(len(xs) / t, 1), "params_M": params(G) + params(D)}
+    return [row], []
+
+
 BENCHES = {
     "ddpm_ddim": bench_ddpm,
     "cfg_ldm": bench_cfg_ldm,
@@ -416,6 +498,8 @@ BENCHES = {
     "vqvae": bench_vqvae,
     "gan": bench_gan,
     "flow": bench_flow,
+    "cyclegan": bench_cyclegan,
+    "stargan": bench_stargan,
 }  # each: (rows, ratios)
 
 

@@ -21,7 +21,7 @@ def test_bench_autoencoders_gans_and_flows_smoke(tmp_path):
     out = tmp_path / "bench.json"
     run(
         "bench.py",
-        "--models vae,vqvae,gan,flow,cfg_ldm --tiny --image-size 28 --channels 1",
+        "--models vae,vqvae,gan,flow,cfg_ldm,cyclegan,stargan --tiny --image-size 28 --channels 1",
         SMALL,
         "--out",
         out,
@@ -39,6 +39,8 @@ def test_bench_autoencoders_gans_and_flows_smoke(tmp_path):
     for m in ("pixels", "latents", "latents + encoder"):
         assert rows[f"cfg_ldm.LDM on {m}"]["cfg_ddim50_img_s"] > 0, m
     for m in ("flow.py glow", "flow.py glow --lu", "flow.py realnvp"):
+        assert rows[m]["train_img_s"] > 0 and rows[m]["sample_img_s"] > 0, m
+    for m in ("cyclegan.py 28px, 6 blocks", "stargan.py 28px, D 2 layers"):
         assert rows[m]["train_img_s"] > 0 and rows[m]["sample_img_s"] > 0, m
 
 
