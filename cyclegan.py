@@ -148,7 +148,7 @@ class ImagePool:
     """A history of generated images (Shrivastava et al. 2017; CycleGAN Sec. 4): until it holds
     `size` images, each new fake is stored and returned; after that, with probability 1/2 a
     random stored fake is returned and the new one takes its place, else the new one is
-    returned. Its content is part of the checkpoint. Draws from torch's global CPU RNG."""
+    returned. In the checkpoint (rank 0's pool under DDP); draws from torch's global CPU RNG."""
 
     def __init__(self, size: int = 50):
         self.size, self.images = size, []

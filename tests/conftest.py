@@ -95,3 +95,24 @@ def stop_after(script, *args, step: int, timeout=120) -> int:
     assert p.returncode == 0, p.returncode
     out = Path(args[args.index("--out") + 1])
     return torch.load(out / "ckpt.pt", weights_only=True)["step"]
+
+
+def assert_dies(capsys, fn, *words):
+    """In-process form of assert_one_line_error, for the checks behind a script's CLI (each CLI
+    call costs 2 s of torch import): common.die exits with 2 and one stderr line."""
+    import signal
+
+    import torch
+
+    capsys.readouterr()
+    threads, handler = torch.get_num_threads(), signal.getsignal(signal.SIGINT)
+    try:  # common.setup sets threads and a SIGINT handler: give them back to pytest
+        with pytest.raises(SystemExit) as e:
+            fn()
+    finally:
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGINT, handler)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:"), (e.value, err)
+    for w in words:
+        assert w in err[0], (w, err[0])

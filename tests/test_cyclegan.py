@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import SHARED_DATA, assert_one_line_error, run, stop_after, torchrun
+from conftest import SHARED_DATA, assert_dies, assert_one_line_error, run, stop_after, torchrun
 
 import cyclegan as C
 
@@ -167,26 +167,26 @@ def logs(out):
 
 
 @pytest.mark.slow
-def test_cli_resume_mid_decay_is_exact_then_sample(fake_mnist, tmp_path):
+def test_cli_resume_mid_decay_is_exact_then_sample(fake_mnist, tmp_path, capsys):
     """A run stopped by SIGTERM in the second half (the LR decaying) and resumed: the LR, both
     pools, the weights and the next steps' losses equal an uninterrupted run's bit for bit;
     then --sample both ways and --input."""
     a, b, data = tmp_path / "a", tmp_path / "b", ["--data-dir", fake_mnist]
-    run("cyclegan.py", TINY, *data, "--out", a, "--steps", 30)
-    k = stop_after("cyclegan.py", TINY, "--steps 30 --ckpt-every 0", *data, "--out", b, step=18)
-    assert 18 <= k < 28, k  # past the middle: the LR is decaying
-    run("cyclegan.py", TINY, *data, "--out", b, "--steps", 30, "--resume")
+    run("cyclegan.py", TINY, *data, "--out", a, "--steps", 16)
+    k = stop_after("cyclegan.py", TINY, "--steps 16 --ckpt-every 0", *data, "--out", b, step=9)
+    assert 9 <= k < 14, k  # past the middle: the LR is decaying
+    run("cyclegan.py", TINY, *data, "--out", b, "--steps", 16, "--resume")
     la, lb = logs(a), logs(b)
     drop = lambda r: {key: v for key, v in r.items() if key not in ("t", "img_s")}
     assert [drop(la[s]) for s in range(k + 1, k + 4)] == [drop(lb[s]) for s in range(k + 1, k + 4)]
-    assert la[16]["lr"] == 2e-4 and la[17]["lr"] == pytest.approx(2e-4 * 14 / 15)
+    assert la[9]["lr"] == 2e-4 and la[10]["lr"] == pytest.approx(2e-4 * 7 / 8)
     ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
     for key in ("pool_A", "pool_B"):
         assert ca[key]["images"].shape == (3, 1, 28, 28)
         assert torch.equal(ca[key]["images"], cb[key]["images"])
     for key in ("G_AB", "G_BA", "D_A", "D_B"):
         assert all(torch.equal(ca[key][n], cb[key][n]) for n in ca[key])
-    assert ca["lr"] == cb["lr"] == pytest.approx(2e-4 / 15)
+    assert ca["lr"] == cb["lr"] == pytest.approx(2e-4 / 8)
     assert ca["model_args"]["G_AB"]["n_blocks"] == 6 and (a / "samples_000003.png").exists()
     G = C.Generator(**ca["model_args"]["G_AB"])  # the class alone rebuilds it
     G.load_state_dict(ca["G_AB"])
@@ -202,16 +202,18 @@ def test_cli_resume_mid_decay_is_exact_then_sample(fake_mnist, tmp_path):
         x = C.mnist_thickness(C.Config(data_dir=str(fake_mnist)), train=False)[0][:20]
         want = ((G(x.float() / 127.5 - 1) + 1) * 127.5).round().clamp(0, 255)
     assert np.abs(z["arr_0"][..., 0].astype(float) - want[:, 0].numpy()).max() <= 1
-    p = run("cyclegan.py", "--out", a, "--sample", 5, "--direction", "BtoA")
-    assert json.loads(p.stdout.splitlines()[-2])["direction"] == "BtoA"
     from PIL import Image
 
+    sample = lambda **k: C.sample(C.Config(out=str(a), sample=5, device="cpu", **k))
+    sample(direction="BtoA")  # in-process from here: each CLI call costs 2 s of imports
+    assert (
+        json.loads((a / "cyclegan_eval.jsonl").read_text().splitlines()[-1])["direction"] == "BtoA"
+    )
     Image.fromarray(np.zeros((28, 32), np.uint8)).save(tmp_path / "x.png")
-    p = run("cyclegan.py", "--out", a, "--sample", 1, "--input", tmp_path / "x.png")
+    sample(input=str(tmp_path / "x.png"))
     assert Image.open(a / "x_AtoB.png").size[::-1] == (28, 32)  # (H, W) of the input
     Image.fromarray(np.zeros((30, 32), np.uint8)).save(tmp_path / "y.png")
-    p = run("cyclegan.py", "--out", a, "--sample", 1, "--input", tmp_path / "y.png", check=False)
-    assert_one_line_error(p, "multiples of 4")
+    assert_dies(capsys, lambda: sample(input=str(tmp_path / "y.png")), "multiples of 4")
 
 
 def test_cli_unaligned_rgb_folders(tmp_path):
@@ -226,29 +228,32 @@ def test_cli_unaligned_rgb_folders(tmp_path):
     assert z["arr_0"].shape == (2, 32, 32, 3) and "arr_1" not in z
 
 
-@pytest.mark.slow
-def test_cli_bad_input(fake_mnist, tmp_path):
+def test_bad_input(fake_mnist, tmp_path, capsys):
+    """One CLI call for the contract (exit 2, one line); the other checks in-process."""
     out = tmp_path / "run"
-    cli = lambda *a: run("cyclegan.py", "--out", out, *a, check=False)
-    assert_one_line_error(cli("--dataset", "horses"), "--dataset 'horses'")
-    assert_one_line_error(cli("--upsample", "bilinear"), "--upsample")
-    assert_one_line_error(cli("--direction", "up"), "--direction")
-    assert_one_line_error(cli("--patch", 50), "--patch")
-    assert_one_line_error(cli("--lambda-cyc", -1), "--lambda-cyc")
-    assert_one_line_error(cli("--dataset", "unaligned", "--data-dir", tmp_path), "trainA")
+    assert_one_line_error(run("cyclegan.py", "--direction", "up", check=False), "AtoB or BtoA")
+    flags = lambda **k: lambda: C.check_flags(C.Config(**k))
+    assert_dies(capsys, flags(dataset="horses"), "--dataset 'horses'")
+    assert_dies(capsys, flags(upsample="bilinear"), "--upsample")
+    assert_dies(capsys, flags(patch=50), "--patch")
+    assert_dies(capsys, flags(lambda_cyc=-1), "--lambda-cyc")
+    piles = lambda d, **k: lambda: C.piles(C.Config(dataset="unaligned", data_dir=d, **k), True)
+    assert_dies(capsys, piles(str(tmp_path)), "trainA")
     write_pile(tmp_path / "mixed" / "trainA", 2, 0, sizes=[32, 36])
     write_pile(tmp_path / "mixed" / "trainB", 2, 32)
-    mixed = ["--dataset", "unaligned", "--data-dir", tmp_path / "mixed"]
-    assert_one_line_error(cli(*mixed, "--tiny"), "mixed sizes")
-    assert_one_line_error(cli(*mixed, "--tiny", "--image-size", 30), "image size 30")
-    assert_one_line_error(cli("--data-dir", tmp_path / "none", "--no-download"), "not found")
-    assert_one_line_error(cli("--sample", 4), "no checkpoint")
-    gan_flags = "--tiny --steps 1 --batch-size 8 --sample-every 0"
-    run("gan.py", gan_flags, "--data-dir", fake_mnist, "--out", out)  # another script's run
-    assert_one_line_error(cli("--sample", 4), "not a cyclegan.py checkpoint")
-    assert_one_line_error(cli("--tiny", "--data-dir", fake_mnist, "--resume"), "not a cyclegan")
+    assert_dies(capsys, piles(str(tmp_path / "mixed")), "mixed sizes")
+    assert_dies(capsys, lambda: C.model_args(C.Config(), 3, 30), "image size 30")
+    none = C.Config(data_dir=str(tmp_path / "none"), download=False)
+    assert_dies(capsys, lambda: C.piles(none, True), "not found")
+    trained = lambda: C.load_trained(C.Config(out=str(out), device="cpu"))
+    assert_dies(capsys, trained, "no checkpoint")
+    out.mkdir()
+    torch.save({"step": 1, "G": {}, "D": {}}, out / "ckpt.pt")  # cgan_pix2pix.py's keys
+    assert_dies(capsys, trained, "not a", "checkpoint")
+    resume = C.Config(out=str(out), data_dir=str(fake_mnist), tiny=True, resume=True, steps=1)
+    assert_dies(capsys, lambda: C.train(resume), "not a", "checkpoint")
     (out / "ckpt.pt").write_bytes(b"garbage")
-    assert_one_line_error(cli("--sample", 4), "corrupted")
+    assert_dies(capsys, trained, "corrupted")
 
 
 @pytest.mark.slow

@@ -113,13 +113,13 @@ def test_box_scores_crop_each_box_and_weigh_ink_outside():
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_real_digits_floor_and_a_collapsed_set(tmp_path):
     cache = ["--cache-dir", tmp_path / "cache", "--dataset", "mnist", "--data-dir", SHARED_DATA]
-    cache += ["--epochs", "4"]  # a third of the default 12 epochs keeps CI short
+    cache += ["--epochs", "3"]  # a quarter of the default 12 epochs keeps CI short
     score = lambda *a, **k: json.loads(
         run("evaluate.py", *a, *cache, **k).stdout.strip().splitlines()[-1]
     )
     real = score("--real", timeout=600)  # trains the feature CNN (one thread: xdist runs 2 workers)
     acc = float(real["features"].split("test acc ")[1].rstrip(")"))
-    assert acc >= 0.96  # measured: 0.972 after 4 epochs, 0.987 after the default 12
+    assert acc >= 0.96  # measured: 0.967 after 3 epochs, 0.972 after 4, 0.987 after 12
     assert real["label_entropy"] > 2.25 and real["recall"] > 0.8
     import torchvision
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_DATA, assert_one_line_error, run, stop_after, torchrun
+from conftest import SHARED_DATA, assert_dies, assert_one_line_error, run, stop_after, torchrun
 
 import stargan as S
 
@@ -103,16 +103,16 @@ def logs(out):
 
 
 @pytest.mark.slow
-def test_cli_resume_mid_decay_is_exact_then_sample(fake_mnist, tmp_path):
+def test_cli_resume_mid_decay_is_exact_then_sample(fake_mnist, tmp_path, capsys):
     a, b, data = tmp_path / "a", tmp_path / "b", ["--data-dir", fake_mnist]
-    run("stargan.py", TINY, *data, "--out", a, "--steps", 30)
-    k = stop_after("stargan.py", TINY, "--steps 30 --ckpt-every 0", *data, "--out", b, step=18)
-    assert 18 <= k < 28, k
-    run("stargan.py", TINY, *data, "--out", b, "--steps", 30, "--resume")
+    run("stargan.py", TINY, *data, "--out", a, "--steps", 16)
+    k = stop_after("stargan.py", TINY, "--steps 16 --ckpt-every 0", *data, "--out", b, step=9)
+    assert 9 <= k < 14, k  # past the middle: the LR is decaying
+    run("stargan.py", TINY, *data, "--out", b, "--steps", 16, "--resume")
     la, lb = logs(a), logs(b)
     drop = lambda r: {key: v for key, v in r.items() if key not in ("t", "img_s")}
     assert [drop(la[s]) for s in range(k + 1, k + 4)] == [drop(lb[s]) for s in range(k + 1, k + 4)]
-    assert la[16]["lr"] == 1e-4 and la[17]["lr"] == pytest.approx(1e-4 * 14 / 15)
+    assert la[9]["lr"] == 1e-4 and la[10]["lr"] == pytest.approx(1e-4 * 7 / 8)
     ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
     for key in ("G", "D"):
         assert all(torch.equal(ca[key][n], cb[key][n]) for n in ca[key])
@@ -136,14 +136,15 @@ def test_cli_resume_mid_decay_is_exact_then_sample(fake_mnist, tmp_path):
     w, h = Image.open(a / "samples.png").size  # 8 rows: input + 3 colours + thick flipped
     assert (w, h) == (2 + 5 * 34, 2 + 8 * 34)
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "x.png")
-    cli = lambda *f: run("stargan.py", "--out", a, "--sample", 1, "--input", *f, check=False)
-    p = cli(tmp_path / "x.png", "--set", "blue=1,thick=1")
-    assert p.returncode == 0 and (a / "x_translated.png").exists(), p.stderr
+    p = run("stargan.py", "--out", a, "--sample 1 --set blue=1,thick=1 --input", tmp_path / "x.png")
+    assert (a / "x_translated.png").exists(), p.stderr
     assert "'blue': 1.0" in p.stdout and "'red': 0.0" in p.stdout
-    assert_one_line_error(cli(tmp_path / "x.png", "--set", "red=1,blue=1"), "at most one of")
-    assert_one_line_error(cli(tmp_path / "x.png", "--set", "purple=1"), "--set")
+    cfg = lambda f, spec: S.Config(out=str(a), sample=1, device="cpu", input=str(f), set=spec)
+    cli = lambda *f: lambda: S.sample(cfg(*f))  # in-process: each CLI call costs 2 s
+    assert_dies(capsys, cli(tmp_path / "x.png", "red=1,blue=1"), "at most one of")
+    assert_dies(capsys, cli(tmp_path / "x.png", "purple=1"), "--set")
     Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / "y.png")
-    assert_one_line_error(cli(tmp_path / "y.png", "--set", "red=1"), "takes 32x32")
+    assert_dies(capsys, cli(tmp_path / "y.png", "red=1"), "takes 32x32")
 
 
 def test_cli_folder_with_metadata_attrs(tmp_path):
@@ -166,23 +167,27 @@ def test_cli_folder_with_metadata_attrs(tmp_path):
     assert z["arr_2"].shape == (3, 2)
 
 
-@pytest.mark.slow
-def test_cli_bad_input(fake_mnist, tmp_path):
+def test_bad_input(fake_mnist, tmp_path, capsys):
+    """One CLI call for the contract (exit 2, one line); the other checks in-process."""
     out = tmp_path / "run"
-    cli = lambda *a: run("stargan.py", "--out", out, *a, check=False)
-    assert_one_line_error(cli("--dataset", "faces"), "--dataset 'faces'")
-    assert_one_line_error(cli("--attrs", "red,purple", "--data-dir", fake_mnist), "subset of")
-    assert_one_line_error(cli("--n-critic", 0), "--n-critic")
-    assert_one_line_error(cli("--dataset", f"folder:{tmp_path}"), "metadata.jsonl")
+    assert_one_line_error(run("stargan.py", "--n-critic", 0, check=False), "--n-critic")
+    load = lambda **k: lambda: S.load_data(S.Config(data_dir=str(fake_mnist), **k), True)
+    assert_dies(capsys, load(dataset="faces"), "--dataset 'faces'")
+    assert_dies(capsys, load(attrs="red,purple"), "subset of")
+    assert_dies(capsys, load(dataset=f"folder:{tmp_path}"), "metadata.jsonl")
     (tmp_path / "celeba").mkdir()
-    assert_one_line_error(cli("--dataset", "celeba", "--data-dir", tmp_path), "list_attr_celeba")
-    assert_one_line_error(cli("--sample", 4), "no checkpoint")
-    gan_flags = "--tiny --steps 1 --batch-size 8 --sample-every 0"
-    run("gan.py", gan_flags, "--data-dir", fake_mnist, "--out", out)  # another script's run
-    assert_one_line_error(cli("--sample", 4), "not a stargan.py checkpoint")
-    assert_one_line_error(cli("--tiny", "--data-dir", fake_mnist, "--resume"), "not a stargan")
+    celeba = S.Config(dataset="celeba", data_dir=str(tmp_path))
+    assert_dies(capsys, lambda: S.load_data(celeba, True), "list_attr_celeba")
+    assert_dies(capsys, lambda: S.model_args(S.Config(), 3, 30, 4), "image size 30")
+    trained = lambda: S.load_trained(S.Config(out=str(out), device="cpu"))
+    assert_dies(capsys, trained, "no checkpoint")
+    out.mkdir()
+    torch.save({"step": 1, "G": {}, "D": {}}, out / "ckpt.pt")  # cgan_pix2pix.py's keys
+    assert_dies(capsys, trained, "not a", "checkpoint")
+    resume = S.Config(out=str(out), data_dir=str(fake_mnist), tiny=True, resume=True, steps=1)
+    assert_dies(capsys, lambda: S.train(resume), "not a", "checkpoint")
     (out / "ckpt.pt").write_bytes(b"garbage")
-    assert_one_line_error(cli("--sample", 4), "corrupted")
+    assert_dies(capsys, trained, "corrupted")
 
 
 @pytest.mark.slow
@@ -200,8 +205,8 @@ def test_ddp_two_ranks_stay_in_step(fake_mnist, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_learns_to_recolour_real_digits(tmp_path):
-    """300 --tiny steps on real digits (lr 5e-4): the translations take the target colour (1.00
-    measured after 400 steps; an untrained G mixes its channels)."""
+    """300 --tiny steps on real digits (lr 5e-4): the translations take the target colour
+    (measured: 0.32 untrained, 0.69 after 200 steps, 1.00 after 400)."""
     flags = "--tiny --steps 300 --batch-size 16 --lr 5e-4 --log-every 100 --sample-every 0"
     run("stargan.py", flags, "--data-dir", SHARED_DATA, "--out", tmp_path)
     p = run("stargan.py", "--out", tmp_path, "--sample", 300, "--batch-size", 300)
