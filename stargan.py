@@ -83,16 +83,17 @@ class Generator(nn.Module):
     def __init__(self, c_dim=5, dim=64, n_blocks=6, img_ch=3):
         super().__init__()
         layers, c = [nn.Conv2d(img_ch + c_dim, dim, 7, 1, 3, bias=False), norm(dim)], dim
-        layers.append(nn.ReLU(True))
+        layers.append(nn.ReLU(True))  # (B, img_ch + c_dim, S, S) -> (B, dim, S, S)
         for _ in range(2):  # (B, c, s, s) -> (B, 2c, s/2, s/2)
             layers += [nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False), norm(2 * c), nn.ReLU(True)]
             c *= 2
-        layers += [ResBlock(c) for _ in range(n_blocks)]
+        layers += [ResBlock(c) for _ in range(n_blocks)]  # (B, 4 dim, S/4, S/4) throughout
         for _ in range(2):  # (B, c, s, s) -> (B, c/2, 2s, 2s)
-            up = nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False)
+            up = nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False)  # no bias: IN removes it
             layers += [up, norm(c // 2), nn.ReLU(True)]
             c //= 2
         self.net = nn.Sequential(*layers, nn.Conv2d(c, img_ch, 7, 1, 3, bias=False), nn.Tanh())
+        # tanh: outputs in [-1, 1], the images' range
 
     def forward(self, x, c):
         c = c[:, :, None, None].expand(-1, -1, *x.shape[-2:])  # (B, c_dim, S, S): c tiled
@@ -106,17 +107,18 @@ class Discriminator(nn.Module):
 
     def __init__(self, size=128, c_dim=5, dim=64, n_layers=6, img_ch=3):
         super().__init__()
-        layers, c = [nn.Conv2d(img_ch, dim, 4, 2, 1), nn.LeakyReLU(0.01)], dim
-        for _ in range(n_layers - 1):
+        layers, c = [nn.Conv2d(img_ch, dim, 4, 2, 1), nn.LeakyReLU(0.01)], dim  # (B, dim, S/2, S/2)
+        for _ in range(n_layers - 1):  # (B, c, s, s) -> (B, 2c, s/2, s/2)
             layers += [nn.Conv2d(c, 2 * c, 4, 2, 1), nn.LeakyReLU(0.01)]
             c *= 2
         self.net = nn.Sequential(*layers)
-        self.src = nn.Conv2d(c, 1, 3, 1, 1, bias=False)
+        self.src = nn.Conv2d(c, 1, 3, 1, 1, bias=False)  # a critic score per patch: no sigmoid
+        # D_cls: a kernel as large as the map, so one logit per attribute: (B, c_dim, 1, 1)
         self.cls = nn.Conv2d(c, c_dim, size >> n_layers, bias=False)
 
     def forward(self, x):
         h = self.net(x)  # (B, c, s, s)
-        return self.src(h), self.cls(h).flatten(1)
+        return self.src(h), self.cls(h).flatten(1)  # (B, 1, s, s), logits (B, c_dim)
 
 
 # -----------------------------------------------------------------------------
@@ -125,9 +127,9 @@ def domain_loss(logits, target, groups=()):
     """-log D_cls(c | x) (Eq. 2, 3): cross-entropy over each exclusive group of attributes (one
     hair colour), binary cross-entropy with logits on each other attribute; summed over
     attributes and groups, a mean over the batch."""
-    loss, rest = logits.new_zeros(()), torch.ones(logits.shape[1], dtype=torch.bool)
+    loss, rest = logits.new_zeros(()), torch.ones(logits.shape[1], dtype=torch.bool)  # (c_dim,)
     for g in groups:
-        loss = loss + F.cross_entropy(logits[:, g].float(), target[:, g].argmax(1))
+        loss = loss + F.cross_entropy(logits[:, g].float(), target[:, g].argmax(1))  # softmax
         rest[g] = False
     if rest.any():
         bce = F.binary_cross_entropy_with_logits(logits[:, rest].float(), target[:, rest].float())
@@ -138,23 +140,23 @@ def domain_loss(logits, target, groups=()):
 def gradient_penalty(critic, real, fake):
     """WGAN-GP (Gulrajani et al. 2017; StarGAN Eq. 8): E[(|grad_x_hat D_src(x_hat)|_2 - 1)^2] on
     x_hat uniformly between a real and a fake image."""
-    alpha = torch.rand(len(real), 1, 1, 1, device=real.device)
+    alpha = torch.rand(len(real), 1, 1, 1, device=real.device)  # (B, 1, 1, 1): one per pair
     x_hat = (alpha * real + (1 - alpha) * fake.detach()).requires_grad_(True)
-    out = critic(x_hat).float()
+    out = critic(x_hat).float()  # (B, ...): a score map; its sum keeps samples separate
     (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)  # d/dx_hat of each sample
-    return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+    return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()  # two-sided: |grad| pulled to 1
 
 
 def d_step(G, D, opt_d, x, c_org, c_trg, groups, lambda_cls=1.0, lambda_gp=10.0):
     """L_D = -L_adv + lambda_cls L_cls^r (Eq. 5), L_adv the WGAN-GP critic loss (Eq. 8)."""
-    with torch.no_grad():
+    with torch.no_grad():  # the D step does not train G: no graph through it
         fake = G(x, c_trg)
     src_real, cls_real = D(x)
     src_fake, _ = D(fake)
     adv = src_fake.float().mean() - src_real.float().mean()  # the critic's side of Eq. 8
     cls = domain_loss(cls_real, c_org, groups)  # Eq. 2: classify reals by their own labels
-    gp = gradient_penalty(lambda v: D(v)[0], x, fake)
-    loss = adv + lambda_cls * cls + lambda_gp * gp
+    gp = gradient_penalty(lambda v: D(v)[0], x, fake)  # on D_src only, as the paper's code
+    loss = adv + lambda_cls * cls + lambda_gp * gp  # Eq. 5 (D side) with Eq. 8's penalty
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
     opt_d.step()
@@ -163,10 +165,10 @@ def d_step(G, D, opt_d, x, c_org, c_trg, groups, lambda_cls=1.0, lambda_gp=10.0)
 
 def g_step(G, D, opt_g, x, c_org, c_trg, groups, lambda_cls=1.0, lambda_rec=10.0):
     """L_G = L_adv + lambda_cls L_cls^f + lambda_rec L_rec (Eq. 5), through D frozen."""
-    D.requires_grad_(False)
+    D.requires_grad_(False)  # D passes G's gradient on but is not updated here
     fake = G(x, c_trg)
     src, cls_logits = D(fake)
-    adv = -src.float().mean()
+    adv = -src.float().mean()  # WGAN generator loss: raise the critic's score of the fakes
     cls = domain_loss(cls_logits, c_trg, groups)  # Eq. 3: fakes classified as their targets
     rec = (G(fake, c_org).float() - x.float()).abs().mean()  # Eq. 4: back to the original labels
     loss = adv + lambda_cls * cls + lambda_rec * rec
@@ -179,7 +181,7 @@ def g_step(G, D, opt_g, x, c_org, c_trg, groups, lambda_cls=1.0, lambda_rec=10.0
 
 def shuffled_targets(c_org):
     """Target domains as the official code draws them: the batch's labels in a random order."""
-    return c_org[torch.randperm(len(c_org), device=c_org.device)]
+    return c_org[torch.randperm(len(c_org), device=c_org.device)]  # real rows: valid domains
 
 
 def domain_targets(c_org, groups):
@@ -189,7 +191,7 @@ def domain_targets(c_org, groups):
     for g in groups:
         for i in g:
             c = c_org.clone()
-            c[:, g] = 0
+            c[:, g] = 0  # clear the group, then set one member: one-hot kept
             c[:, i] = 1
             out.append((i, c))
     for i in range(c_org.shape[1]):
@@ -236,17 +238,16 @@ def mnist_styles(cfg, train: bool):
     so the labels are exact. Returns uint8 (N, 3, 32, 32), attributes (N, 4), digit labels."""
     x, y = common.load_images(dataclasses.replace(cfg, dataset="mnist", image_size=28), train)
     g = torch.Generator().manual_seed(0 if train else 1)
-    colour, thick = (
-        torch.randint(3, (len(x),), generator=g),
-        torch.randint(2, (len(x),), generator=g),
-    )
+    colour = torch.randint(3, (len(x),), generator=g)  # (N,): 0 red, 1 green, 2 blue
+    thick = torch.randint(2, (len(x),), generator=g)  # (N,): independent of the colour
     return render(x, colour, thick), torch.cat([F.one_hot(colour, 3), thick[:, None]], 1), y
 
 
 def render(x_u8, colour, thick):
     """Grey 28x28 digits -> (N, 3, 32, 32) uint8 with the ink in channel `colour`, dilated where
     `thick`."""
-    x = torch.where(thick[:, None, None, None].bool(), dilate(x_u8), x_u8)
+    x = torch.where(thick[:, None, None, None].bool(), dilate(x_u8), x_u8)  # (N, 1, 28, 28)
+    # pad to 32 (D halves it down to 2x2), then (N, 1, 32, 32) x (N, 3, 1, 1): ink in one channel
     return F.pad(x, (2, 2, 2, 2)) * F.one_hot(colour, 3)[:, :, None, None].to(torch.uint8)
 
 
@@ -314,6 +315,8 @@ def parse_set(spec: str, names: list, groups: list):
         common.die(
             f"--set {spec!r}: name=0|1 pairs, comma-separated, names among {','.join(names)}"
         )
+    if any(v not in (0.0, 1.0) for v in on.values()):  # labels are 0/1, as D_cls learned them
+        common.die(f"--set {spec!r}: each value is 0 or 1")
     for g in groups:
         if sum(on.get(i, 0) > 0 for i in g) > 1:
             common.die(f"--set {spec!r}: at most one of {','.join(names[i] for i in g)} can be 1")
@@ -463,16 +466,17 @@ def sample(cfg: Config):
     cfg.attrs, cfg.image_size = ",".join(ck["attrs"]), ck["model_args"]["D"]["size"]
     x, c_org, y, names = load_data(cfg, train=False)
     n, groups = min(cfg.sample, len(x)), ck["groups"]
-    x, c_org = x[:n].float() / 127.5 - 1, c_org[:n]
+    x, c_org = x[:n].float() / 127.5 - 1, c_org[:n]  # uint8 -> [-1, 1]
     targets = torch.stack([t for _, t in domain_targets(c_org, groups)], 1)  # (n, K, c_dim)
     pick = torch.randint(targets.shape[1], (n,), generator=torch.Generator().manual_seed(cfg.seed))
-    c_trg = targets[torch.arange(n), pick]
+    c_trg = targets[torch.arange(n), pick]  # (n, c_dim): one column of the grid per image
     out = translate(G, x.to(device), c_trg.to(device), cfg.batch_size).cpu()
     rec = translate(G, out.to(device), c_org.to(device), cfg.batch_size).cpu()
     labels = [y[:n] if y is not None else torch.full((n,), -1), c_trg]  # arr_1, arr_2
     common.save_samples(cfg.out, out, labels)
     save_domains(G, x[:8].to(device), c_org[:8].to(device), groups, Path(cfg.out) / "samples.png")
-    res = dict(n=n, dataset=cfg.dataset, rec_l1=((rec - x).abs().mean() / 2).item())
+    rec_l1 = (rec - x).abs().mean() / 2  # |G(G(x, c), c') - x| in [0, 1] pixel units
+    res = dict(n=n, dataset=cfg.dataset, rec_l1=rec_l1.item())
     if cfg.dataset == "mnist-styles":
         res |= style_scores(cfg, out, c_trg, names, n)
     print(json.dumps(res))

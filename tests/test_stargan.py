@@ -143,6 +143,7 @@ def test_cli_resume_mid_decay_is_exact_then_sample(fake_mnist, tmp_path, capsys)
     cli = lambda *f: lambda: S.sample(cfg(*f))  # in-process: each CLI call costs 2 s
     assert_dies(capsys, cli(tmp_path / "x.png", "red=1,blue=1"), "at most one of")
     assert_dies(capsys, cli(tmp_path / "x.png", "purple=1"), "--set")
+    assert_dies(capsys, cli(tmp_path / "x.png", "red=2"), "each value is 0 or 1")
     Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / "y.png")
     assert_dies(capsys, cli(tmp_path / "y.png", "red=1"), "takes 32x32")
 
