@@ -47,6 +47,7 @@ class Config(common.Config):
     lambda_cls: float = 1.0  # Eq. 5
     lambda_rec: float = 10.0  # Eq. 5
     lambda_gp: float = 10.0  # Eq. 8
+    lambda_id: float = 0.0  # not in the paper: |G(x, c_org) - x|_1 weighted lambda_id lambda_rec
     g_dim: int = 64  # G's base width; --tiny: 16
     d_dim: int = 64  # D's base width; --tiny: 16
     g_blocks: int = 6  # residual blocks in G
@@ -163,20 +164,26 @@ def d_step(G, D, opt_d, x, c_org, c_trg, groups, lambda_cls=1.0, lambda_gp=10.0)
     return dict(d_adv=adv.detach(), d_cls=cls.detach(), gp=gp.detach())
 
 
-def g_step(G, D, opt_g, x, c_org, c_trg, groups, lambda_cls=1.0, lambda_rec=10.0):
-    """L_G = L_adv + lambda_cls L_cls^f + lambda_rec L_rec (Eq. 5), through D frozen."""
+def g_step(G, D, opt_g, x, c_org, c_trg, groups, lambda_cls=1.0, lambda_rec=10.0, lambda_id=0.0):
+    """L_G = L_adv + lambda_cls L_cls^f + lambda_rec L_rec (Eq. 5), through D frozen; with
+    lambda_id > 0 also lambda_id lambda_rec |G(x, c_org) - x|_1, CycleGAN's identity loss (its
+    Sec. 5.2; StarGAN-VC's L_id), which the paper does not have: L_rec only sees the round trip,
+    so G may turn digits into other digits and back (docs/results.md#starganpy)."""
     D.requires_grad_(False)  # D passes G's gradient on but is not updated here
     fake = G(x, c_trg)
     src, cls_logits = D(fake)
     adv = -src.float().mean()  # WGAN generator loss: raise the critic's score of the fakes
     cls = domain_loss(cls_logits, c_trg, groups)  # Eq. 3: fakes classified as their targets
     rec = (G(fake, c_org).float() - x.float()).abs().mean()  # Eq. 4: back to the original labels
-    loss = adv + lambda_cls * cls + lambda_rec * rec
+    loss, stats = adv + lambda_cls * cls + lambda_rec * rec, {}
+    if lambda_id > 0:  # the source's own domain: G should change nothing
+        idt = (G(x, c_org).float() - x.float()).abs().mean()
+        loss, stats = loss + lambda_id * lambda_rec * idt, dict(idt=idt.detach())
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
     opt_g.step()
     D.requires_grad_(True)
-    return dict(g_adv=adv.detach(), g_cls=cls.detach(), rec=rec.detach())
+    return dict(g_adv=adv.detach(), g_cls=cls.detach(), rec=rec.detach(), **stats)
 
 
 def shuffled_targets(c_org):
@@ -330,7 +337,9 @@ def parse_set(spec: str, names: list, groups: list):
 def check_flags(cfg: Config):
     """A flag outside its range of values is a one-line error, before any work."""
     lows = dict(steps=0, batch_size=2, sample=0, n_critic=1, g_dim=1, d_dim=1, g_blocks=0)
-    for name, lo in dict(lows, lambda_cls=0, lambda_rec=0, lambda_gp=0, image_size=0).items():
+    for name, lo in dict(
+        lows, lambda_cls=0, lambda_rec=0, lambda_gp=0, lambda_id=0, image_size=0
+    ).items():
         if getattr(cfg, name) < lo:
             common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
 
@@ -373,6 +382,7 @@ def train(cfg: Config):
     tx, tc, _, _ = load_data(cfg, train=False)  # 8 test images for the pictures
     fixed = tx[:8].to(device).float() / 127.5 - 1, tc[:8].to(device)
     loop = common.Loop(cfg, data, start)
+    lambdas = cfg.lambda_cls, cfg.lambda_rec, cfg.lambda_id
     if common.rank() == 0:
         n = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (G, D)]
         print(
@@ -395,7 +405,7 @@ def train(cfg: Config):
         if done % cfg.n_critic == 0:
             with autocast:
                 g_stats = g_step(  # D unwrapped: it only passes G's gradient on
-                    G_, D, opt_g, real, c_org, c_trg, groups, cfg.lambda_cls, cfg.lambda_rec
+                    G_, D, opt_g, real, c_org, c_trg, groups, *lambdas
                 )
 
         # log (the G losses are those of the latest G step)

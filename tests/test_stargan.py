@@ -62,6 +62,32 @@ def test_domain_loss_is_ce_on_groups_and_bce_on_the_rest():
     assert S.domain_loss(logits, target, []).item() == pytest.approx(bce.item(), rel=1e-6)
 
 
+def test_identity_loss_adds_lambda_id_lambda_rec_times_the_own_domain_l1():
+    """--lambda-id: the G step's loss gains lambda_id lambda_rec |G(x, c_org) - x|_1, nothing else:
+    with plain SGD at lr 1 the update differs from the paper's by exactly that term's gradient."""
+    torch.manual_seed(0)
+    G0 = S.Generator(c_dim=4, dim=8, n_blocks=1, img_ch=3)
+    D = S.Discriminator(**S.model_args(S.Config(tiny=True), 3, 16, 4)["D"])
+    x, c_org = (
+        torch.rand(3, 3, 16, 16) * 2 - 1,
+        torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0]] * 2)[:3],
+    )
+    c_trg = c_org.flip(0)
+    idt = (G0(x, c_org) - x).abs().mean()
+    grads = torch.autograd.grad(idt, list(G0.parameters()))
+    after = []
+    for lambda_id in (0.0, 0.5):
+        G = S.Generator(c_dim=4, dim=8, n_blocks=1, img_ch=3)
+        G.load_state_dict(G0.state_dict())
+        opt = torch.optim.SGD(G.parameters(), lr=1.0)
+        stats = S.g_step(G, D, opt, x, c_org, c_trg, [[0, 1, 2]], lambda_id=lambda_id)
+        assert ("idt" in stats) == (lambda_id > 0)
+        after.append([p.detach().clone() for p in G.parameters()])
+    assert stats["idt"].item() == pytest.approx(idt.item(), rel=1e-6)
+    for a, b, g in zip(*after, grads):  # extra step -lr * 0.5 * 10 * grad(idt)
+        torch.testing.assert_close(b - a, -5.0 * g, atol=1e-5, rtol=1e-4)
+
+
 def test_exclusive_groups_stay_one_hot_in_targets():
     names = ["red", "green", "blue", "thick"]
     groups = S.groups_of(names)
