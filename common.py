@@ -153,11 +153,12 @@ def setup(cfg):
     return device, contextlib.nullcontext()
 
 
-def wrap(model, cfg, device):
-    """DDP (under torchrun), then optional torch.compile; save the unwrapped `model`'s state."""
+def wrap(model, cfg, device, **ddp):
+    """DDP (under torchrun; `ddp`: its options), then optional torch.compile; save the unwrapped
+    `model`'s state."""
     if dist.is_initialized():
         ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **ddp)
     return torch.compile(model) if cfg.compile else model
 
 
@@ -382,11 +383,12 @@ class Loop:
     writes checkpoints, and turns SIGINT/SIGTERM into a flag: the loop saves at the next step
     boundary and stops (a second signal exits at once)."""
 
-    def __init__(self, cfg, data: Batches, start_step: int, name="ckpt.pt"):
+    def __init__(self, cfg, data: Batches, start_step: int, name="ckpt.pt", images=None):
         self.cfg, self.data, self.name = cfg, data, name  # the checkpoint: <out>/<name>
         self.flag = False  # set by a signal
         self.sums, self.n = {}, 0  # losses since the last log line
         self.t0, self.step0, self.first = time.time(), start_step, True  # the img/s clock
+        self.img0 = start_step * cfg.batch_size if images is None else images  # images shown
         signal.signal(signal.SIGINT, self.handle)
         signal.signal(signal.SIGTERM, self.handle)
 
@@ -414,10 +416,13 @@ class Loop:
             )
         return vals
 
-    def log(self, step: int, **extra):
+    def log(self, step: int, images=None, **extra):
+        """`images`: the count shown so far, for a run whose batch size changes (progan.py)."""
         vals, now, cfg = {**self.check(step), **extra}, time.time(), self.cfg
-        ips = (step - self.step0) * cfg.batch_size / max(now - self.t0, 1e-9)
-        eta = (cfg.steps - step) * cfg.batch_size / max(ips, 1e-9)
+        images = step * cfg.batch_size if images is None else images
+        ips = (images - self.img0) / max(now - self.t0, 1e-9)
+        per_step = (images - self.img0) / max(step - self.step0, 1)  # the batch, on average
+        eta = (cfg.steps - step) * per_step / max(ips, 1e-9)
         eta_s = f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
         if rank() == 0:
             msg = " | ".join(f"{k} {v:.4g}" for k, v in vals.items())
@@ -428,7 +433,7 @@ class Loop:
             with open(Path(cfg.out) / "log.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **vals, "img_s": round(ips, 1), "t": now}) + "\n")
         self.sums, self.n = {}, 0
-        self.t0, self.step0, self.first = now, step, False
+        self.t0, self.step0, self.first, self.img0 = now, step, False, images
 
     def aside(self, fn, *args, **kwargs):
         """Run a side job (a picture) off the img/s clock and on forked random streams (so that a
