@@ -10,6 +10,7 @@ Speed: training and sampling throughput of each model file, optionally beside pe
   python bench.py --models cfg_ldm --image-size 28 --channels 1   # latent vs pixel U-Net
   python bench.py --models cyclegan --image-size 256 --batch-size 1  # the paper's CycleGAN
   python bench.py --models stargan --image-size 128 --batch-size 16  # the paper's StarGAN
+  python bench.py --models progan --tiny --image-size 32 --channels 1 --batch-size 32  # MNIST
 
 Training img/s: one full optimizer step as the training loop runs it (loss under autocast,
 backward, grad clip, AdamW, EMA update) on a batch already on the device, timed after warm-up
@@ -491,6 +492,50 @@ def bench_stargan(args, device, autocast):
     return [row], []
 
 
+def bench_progan(args, device, autocast):
+    """progan.py, both generators: one D step (WGAN-GP + drift), one G step and the EMA update,
+    as its loop runs them, at every resolution of the growth up to --image-size (stable phase,
+    alpha 1), and sampling at the last; peak memory of training on CUDA."""
+    S = args.image_size
+    if S < 8 or S & (S - 1):
+        common.die(f"--image-size {S}: progan.py grows to powers of two, at least 8")
+    return [r for arch in ("pro", "style") for r in progan_rows(arch, args, device, autocast)], []
+
+
+def progan_rows(arch, args, device, autocast):
+    import progan as PG
+
+    B, C, S = args.batch_size, args.channels, args.image_size
+    kw = PG.model_args(PG.Config(tiny=args.tiny, image_size=S, arch=arch), C)
+    G, D = PG.build_g(arch, kw["G"]).to(device), PG.Discriminator(**kw["D"]).to(device)
+    G_, D_ = (torch.compile(m) if args.compile else m for m in (G, D))
+    adam = dict(betas=(0.0, 0.99), eps=1e-8, fused=device.type == "cuda")
+    opt_g, opt_d = (torch.optim.Adam(m.parameters(), 1e-3, **adam) for m in (G, D))
+    ema, rows = common.EMA(G, 0.999), []
+
+    def step(res, x):
+        with autocast:
+            fake = G_(torch.randn(B, kw["G"]["z_dim"], device=device), res)
+            PG.d_step(D_, opt_d, x, fake, 1.0)
+            PG.g_step(D, opt_g, fake, 1.0)
+        ema.update(G, 1000)
+
+    for res in PG.resolutions(S):
+        x = torch.rand(B, C, res, res, device=device) * 2 - 1
+        timed(lambda res=res, x=x: step(res, x), device, args.warmup)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t = timed(lambda res=res, x=x: step(res, x), device, args.iters)
+        rows.append({"model": f"progan.py {arch} at {res}px", "train_img_s": round(B / t, 1)})
+        if device.type == "cuda":
+            rows[-1]["peak_mem_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    z = torch.randn(args.sample_batch, kw["G"]["z_dim"], device=device)
+    with autocast:
+        t = timed(lambda: PG.generate(G_, z, S), device, args.iters)
+    rows[-1] |= {"sample_img_s": round(len(z) / t, 1), "params_M": round(params(G) + params(D), 2)}
+    return rows
+
+
 BENCHES = {
     "ddpm_ddim": bench_ddpm,
     "cfg_ldm": bench_cfg_ldm,
@@ -500,6 +545,7 @@ BENCHES = {
     "flow": bench_flow,
     "cyclegan": bench_cyclegan,
     "stargan": bench_stargan,
+    "progan": bench_progan,
 }  # each: (rows, ratios)
 
 
