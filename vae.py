@@ -12,12 +12,16 @@ Bernoulli on dynamically binarized digits (MNIST default), or an 8-bit discretiz
 (`--likelihood gaussian`).
 Reductions: log-likelihoods and KLs are summed over pixels and latent dims, averaged over a batch.
 Left out on purpose: hierarchical latents, flows in q, and free bits.
+`--ppca`: probabilistic PCA (Tipping & Bishop 1999), the linear VAE with an exact likelihood,
+fitted in closed form on dequantized pixels (bits/dim comparable with flow.py's); a linear VAE
+trained on the ELBO reaches the same optimum (Lucas et al. 2019; tests/test_vae.py shows it).
 
   python vae.py --data-dir ../shared/data            # MNIST, Bernoulli decoder
   python vae.py --nll 1000                           # test ELBO and IWAE log p(x), K=1000
   python vae.py --sample 64                          # prior samples (Bernoulli means)
   python vae.py --ae --out runs/ae                   # the baseline: an AE cannot sample
   python vae.py --dataset cifar10 --likelihood gaussian
+  python vae.py --ppca --z-dim 32 --out runs/ppca      # seconds: fit, test bits/dim, pictures
 """
 
 import dataclasses
@@ -44,7 +48,8 @@ class Config(common.Config):
     ae: bool = False  # a plain autoencoder: z = mu, no noise, no KL
     beta: float = 1.0  # KL weight (beta-VAE, Higgins et al. 2017); the ELBO is beta = 1
     likelihood: str = "auto"  # auto (bernoulli for mnist, else gaussian) | bernoulli | gaussian
-    nll: int = 0  # K > 0: no training; test ELBO and IWAE log p(x) with K samples per image
+    ppca: bool = False  # probabilistic PCA in closed form (no steps); --z-dim is its k
+    nll: int = 0  # K > 0: no training; test ELBO and IWAE log p(x), K samples (PPCA: exact)
     nll_n: int = 0  # test images for --nll (0: the whole split)
 
 
@@ -68,8 +73,7 @@ class Encoder(nn.Module):
 
     def forward(self, x01):
         h = self.net(x01 * 2 - 1)  # centred for the first conv: a normalisation, not a new range
-        mu, logvar = self.head(h).chunk(2, dim=1)  # (B, z_dim) each
-        return mu, logvar
+        return self.head(h).chunk(2, dim=1)  # (mu, logvar), (B, z_dim) each
 
 
 class Decoder(nn.Module):
@@ -105,6 +109,53 @@ class VAE(nn.Module):
         mu, logvar = self.encoder(x01)
         z = mu if ae else reparameterize(mu, logvar)
         return self.decoder(z), mu, logvar, self.log_scale  # log_scale returned: DDP sees it used
+
+
+class PPCA(nn.Module):
+    """Probabilistic PCA (Tipping & Bishop 1999): z ~ N(0, I_k), x | z ~ N(W z + mu, sigma^2 I)
+    (Eq. 2), p(x) = N(mu, W W^T + sigma^2 I) (Eq. 3) exact; fitted, not trained; float64, CPU."""
+
+    def __init__(self, dim: int, k: int, shape=()):
+        super().__init__()
+        self.shape = tuple(shape) or (dim,)
+        self.register_buffer("W", torch.zeros(dim, k, dtype=torch.float64))
+        self.register_buffer("mu", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("sigma2", torch.ones((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def fit(self, x):
+        """The ML solution (Eqs. 7-8, R = I) from the data covariance's eigenvalues lam (descending)
+        and eigenvectors U: sigma^2 = mean(lam_k+1..D), W = U_k (diag(lam_1..k) - sigma^2 I)^1/2."""
+        x = x.flatten(1).double()
+        self.mu.copy_(x.mean(0))
+        lam, U = torch.linalg.eigh((x - self.mu).T @ (x - self.mu) / len(x))  # ascending
+        lam, U, k = lam.flip(0), U.flip(1), self.W.shape[1]
+        self.sigma2.copy_(lam[k:].mean())
+        self.W.copy_(U[:, :k] * (lam[:k] - self.sigma2).clamp(min=0).sqrt())
+        return self
+
+    def log_prob(self, x):
+        """The exact log N(x; mu, C) per image (nats), with M = W^T W + sigma^2 I (k x k):
+        C^-1 = (I - W M^-1 W^T) / sigma^2 (Woodbury), log|C| = (D - k) log sigma^2 + log|M|."""
+        (D, k), W, s2 = self.W.shape, self.W, self.sigma2
+        L = torch.linalg.cholesky(W.T @ W + s2 * torch.eye(k, dtype=W.dtype))  # M = L L^T
+        xc = x.flatten(1).double() - self.mu  # (N, D)
+        v = torch.linalg.solve_triangular(L, (xc @ W).T, upper=False)  # L^-1 W^T (x - mu): (k, N)
+        maha = (xc.pow(2).sum(1) - v.pow(2).sum(0)) / s2  # (x - mu)^T C^-1 (x - mu)
+        logdet = (D - k) * torch.log(s2) + 2 * L.diagonal().log().sum()
+        return -0.5 * (D * math.log(2 * math.pi) + logdet + maha)
+
+    def posterior(self, x):
+        """p(z|x) = N(M^-1 W^T (x - mu), sigma^2 M^-1) (T&B Eq. 6): mean (N, k), cov (k, k)."""
+        M = self.W.T @ self.W + self.sigma2 * torch.eye(self.W.shape[1], dtype=torch.float64)
+        mean = torch.linalg.solve(M, self.W.T @ (x.flatten(1).double() - self.mu).T).T
+        return mean, self.sigma2 * torch.linalg.inv(M)
+
+    def encoder(self, x01):  # (the posterior mean, -): the VAE's encoder gives (mu, logvar)
+        return self.posterior(x01)[0].float(), None
+
+    def decoder(self, z):  # E[x|z] = W z + mu, images (B, *shape); p(x) adds sigma eps to it
+        return (z.double() @ self.W.T + self.mu).float().view(-1, *self.shape)
 
 
 # -----------------------------------------------------------------------------
@@ -170,8 +221,7 @@ def loss_terms(model, x01, likelihood: str, beta=1.0, ae=False):
 @torch.no_grad()
 def iwae_bound(model, x01, K: int, likelihood: str, chunk: int = 256):
     """Per image: (IWAE bound log 1/K sum_k w_k, ELBO mean_k log w_k), w_k = p(x, z_k) / q(z_k|x),
-    z_k ~ q(z|x) (Burda et al. Sec. 3). By Jensen IWAE >= ELBO for the same draws; K = 1 is the
-    ELBO."""
+    z_k ~ q(z|x) (Burda et al. Sec. 3); IWAE >= ELBO for the same draws (Jensen), equal at K = 1."""
     mu, logvar = model.encoder(x01)  # (B, z)
     logw = []
     for k0 in range(0, K, chunk):
@@ -189,9 +239,8 @@ def iwae_bound(model, x01, K: int, likelihood: str, chunk: int = 256):
 # -----------------------------------------------------------------------------
 # training
 def likelihood_of(cfg: Config) -> str:
-    if cfg.likelihood != "auto":
-        return cfg.likelihood
-    return "bernoulli" if cfg.dataset == "mnist" else "gaussian"
+    auto = "bernoulli" if cfg.dataset == "mnist" else "gaussian"
+    return auto if cfg.likelihood == "auto" else cfg.likelihood
 
 
 def model_args(cfg: Config, in_ch: int, size: int) -> dict:
@@ -200,9 +249,8 @@ def model_args(cfg: Config, in_ch: int, size: int) -> dict:
         common.die(f"image size {size} does not fit the VAE ({sorted(DOWN)}); set --image-size")
     ch, z = (16, 8) if cfg.tiny else (cfg.ch, cfg.z_dim)
     gaussian = likelihood_of(cfg) == "gaussian"
-    return {
-        "vae": dict(in_ch=in_ch, ch=ch, z_dim=z, size=size, n_down=DOWN[size], gaussian=gaussian)
-    }
+    vae = dict(in_ch=in_ch, ch=ch, z_dim=z, size=size, n_down=DOWN[size], gaussian=gaussian)
+    return {"vae": vae}
 
 
 def check_flags(cfg: Config):
@@ -214,18 +262,15 @@ def check_flags(cfg: Config):
             common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
     if cfg.ae and cfg.nll:
         common.die("--nll needs a VAE: a plain autoencoder (--ae) has no q(z|x) to sample from")
-
-
-def binarize(x01, generator=None):
-    """Dynamic binarization: each pixel is 1 with probability its intensity, drawn anew."""
-    return torch.bernoulli(x01, generator=generator)
+    if cfg.ppca and (cfg.ae or cfg.likelihood == "bernoulli"):
+        common.die("--ppca is its own model, with Gaussian noise: drop --ae / --likelihood")
 
 
 def prepare(x, likelihood: str):
-    """A loader batch in [-1, 1] -> this file's [0, 1] pixels (binarized for Bernoulli): the
-    one range conversion."""
+    """Loader pixels in [-1, 1] -> this file's [0, 1], the one place; for Bernoulli, dynamic
+    binarization: each pixel is 1 with probability its intensity, drawn anew every time."""
     x01 = (x + 1) / 2
-    return binarize(x01) if likelihood == "bernoulli" else x01
+    return torch.bernoulli(x01) if likelihood == "bernoulli" else x01
 
 
 @torch.no_grad()
@@ -236,7 +281,7 @@ def save_pictures(model, out, likelihood, z, x01, step=None):
     model.eval()
     name = f"samples_{step:06d}.png" if step is not None else "samples_final.png"
     common.save_grid(decoder_mean(model.decoder(z), likelihood), out / name, value_range=unit)
-    rec = decoder_mean(model(x01, ae=True)[0], likelihood)  # the decoder at the posterior mean
+    rec = decoder_mean(model.decoder(model.encoder(x01)[0]), likelihood)  # at the posterior mean
     pairs = torch.stack([x01, rec], 1).flatten(0, 1)  # originals and reconstructions, interleaved
     common.save_grid(pairs, out / "reconstructions.png", value_range=unit)
     mu = model.encoder(x01[: len(x01) // 2 * 2])[0]  # an even count: row i joins 2i and 2i + 1
@@ -264,10 +309,8 @@ def train(cfg: Config):
         common.load_state(opt, ck["opt"], "optimizer")
         start = ck["step"]
     net = common.wrap(model, cfg, device)
-    z_fixed = torch.randn(
-        64, args["vae"]["z_dim"], generator=torch.Generator().manual_seed(cfg.seed)
-    )
-    z_fixed = z_fixed.to(device)  # the fixed noise of every sample grid
+    g = torch.Generator().manual_seed(cfg.seed)
+    z_fixed = torch.randn(64, args["vae"]["z_dim"], generator=g).to(device)  # every grid's noise
     loop = common.Loop(cfg, data, start)
     if common.rank() == 0:
         n = sum(p.numel() for p in model.parameters()) / 1e6
@@ -305,13 +348,47 @@ def train(cfg: Config):
     return model
 
 
+def dequantize(x_u8, seed: int):
+    """u -> (u + v) / 256, v ~ U[0, 1)^D seeded: uniform dequantization, as flow.py."""
+    g = torch.Generator().manual_seed(seed)
+    return (x_u8.double() + torch.rand(x_u8.shape, generator=g, dtype=torch.float64)) / 256
+
+
+def ppca_bits(model: PPCA, x_u8, seed: int) -> float:
+    """Test bits/dim, exact for one dequantization: -log p(x) / (D ln 2) + 8 (as flow.py)."""
+    x = dequantize(x_u8, seed + 1)
+    return (-model.log_prob(x).mean() / (x[0].numel() * math.log(2)) + 8).item()
+
+
+def fit_ppca(cfg: Config):
+    """--ppca: the closed-form fit on dequantized training images, exact test bits/dim, pictures."""
+    x, x_test = (common.load_images(cfg, train=t)[0] for t in (True, False))
+    D, k = x[0].numel(), 8 if cfg.tiny else cfg.z_dim
+    if not 0 < k < D:
+        common.die(f"--z-dim {k}: PPCA needs 0 < k < D = {D}")
+    model = PPCA(D, k, x.shape[1:]).fit(dequantize(x, cfg.seed))  # T&B Eqs. 7-8
+    bits = ppca_bits(model, x_test, cfg.seed)
+    ck = dict(model=model.state_dict(), likelihood="ppca", step=0, test_bpd=bits)
+    ck["model_args"] = {"ppca": dict(dim=D, k=k, shape=list(x.shape[1:]))}
+    common.save_ckpt(Path(cfg.out) / "ckpt.pt", dict(ck, config=dataclasses.asdict(cfg)))
+    z = torch.randn(64, k, generator=torch.Generator().manual_seed(cfg.seed))
+    save_pictures(model, cfg.out, "ppca", z, x_test[:32].float() / 255)
+    print(
+        f"ppca: k={k}, D={D}, sigma^2 {model.sigma2.item():.3g}, fitted on {len(x)} images; "
+        f"test {bits:.4f} bits/dim (exact, {len(x_test)} images); wrote {cfg.out}/ckpt.pt"
+    )
+
+
 # -----------------------------------------------------------------------------
 # sampling and evaluation from a checkpoint
 def load_trained(cfg: Config):
-    """The VAE of <out>/ckpt.pt, rebuilt from its model_args, and the checkpoint."""
+    """The VAE (or PPCA) of <out>/ckpt.pt, rebuilt from its model_args, and the checkpoint."""
     ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt", need=("model", "model_args", "likelihood"))
     device, _ = common.setup(cfg)
-    model = VAE(**ck["model_args"]["vae"]).to(device).eval()
+    if "ppca" in ck["model_args"]:  # float64 and a few matrix products: the CPU
+        model, device = PPCA(**ck["model_args"]["ppca"]), torch.device("cpu")
+    else:
+        model = VAE(**ck["model_args"]["vae"]).to(device).eval()
     common.load_state(model, ck["model"])
     return model, ck, device
 
@@ -321,37 +398,39 @@ def sample(cfg: Config):
     """--sample N: decode z ~ N(0, I) into <out>/samples.npz and samples.png (decoder means)."""
     model, ck, device = load_trained(cfg)
     g = torch.Generator(device).manual_seed(cfg.seed)
-    z = torch.randn(cfg.sample, model.decoder.fc[0].in_features, device=device, generator=g)
+    k = model.W.shape[1] if isinstance(model, PPCA) else model.decoder.fc[0].in_features
+    z = torch.randn(cfg.sample, k, device=device, generator=g)
     xs = [decoder_mean(model.decoder(zb), ck["likelihood"]) for zb in z.split(cfg.batch_size)]
     common.save_samples(cfg.out, torch.cat(xs), value_range=(0, 1))
-    kind = "AE" if ck["config"]["ae"] else "VAE"
+    kind = "AE" if ck["config"]["ae"] else type(model).__name__
     print(f"wrote {cfg.sample} prior samples ({kind}) to {cfg.out}/samples.npz and samples.png")
 
 
 @torch.no_grad()
 def nll(cfg: Config):
-    """--nll K: test ELBO and IWAE estimate of log p(x) (nats per image, bits/dim)."""
+    """--nll K: test ELBO and IWAE-K bound of log p(x) (nats per image, bits/dim); PPCA: exact."""
     model, ck, device = load_trained(cfg)
-    cfg, like = common.from_run(cfg, ck), ck["likelihood"]
-    cfg.image_size = ck["model_args"]["vae"]["size"]
+    cfg, like, args = common.from_run(cfg, ck), ck["likelihood"], ck["model_args"]
+    cfg.image_size = args["vae"]["size"] if "vae" in args else args["ppca"]["shape"][-1]
     x = common.load_images(cfg, train=False)[0]
-    x01 = x[: cfg.nll_n or len(x)].float() / 255  # uint8 -> [0, 1]
-    if like == "bernoulli":  # one fixed binarization of the test set
-        x01 = binarize(x01, torch.Generator().manual_seed(cfg.seed))
-    iw, el = [], []
-    for i, xb in enumerate(x01.split(max(1, 1024 // min(cfg.nll, 256)))):  # ~1024 per decoder call
-        bound, elbo = iwae_bound(model, xb.to(device), cfg.nll, like)
-        iw.append(bound.cpu())
-        el.append(elbo.cpu())
-        print(f"bounds of {min(len(x01), (i + 1) * len(xb))}/{len(x01)} images", flush=True)
-    iw, el, bits = (
-        torch.cat(iw).mean().item(),
-        torch.cat(el).mean().item(),
-        x[0].numel() * math.log(2),
-    )
-    res = {"log_px_iwae": iw, "elbo": el, "nll_nats": -iw, "nll_bpd": -iw / bits}
-    res |= {"elbo_bpd": -el / bits, "K": cfg.nll, "n": len(x01), "likelihood": like}
-    res["step"] = ck["step"]
+    x = x[: cfg.nll_n or len(x)]
+    res = {"n": len(x), "step": ck["step"]}
+    if isinstance(model, PPCA):  # exact: no bound, no samples
+        res |= {"nll_bpd": ppca_bits(model, x, cfg.seed), "exact": True}
+    else:
+        x01 = x.float() / 255  # uint8 -> [0, 1]
+        if like == "bernoulli":  # one fixed binarization of the test set
+            x01 = torch.bernoulli(x01, generator=torch.Generator().manual_seed(cfg.seed))
+        iw, el = [], []
+        for i, xb in enumerate(x01.split(max(1, 1024 // min(cfg.nll, 256)))):  # ~1024 a call
+            bound, elbo = iwae_bound(model, xb.to(device), cfg.nll, like)
+            iw.append(bound.cpu())
+            el.append(elbo.cpu())
+            print(f"bounds of {min(len(x), (i + 1) * len(xb))}/{len(x)} images", flush=True)
+        iw, el, bits = torch.cat(iw).mean().item(), torch.cat(el).mean().item(), x[0].numel()
+        bits *= math.log(2)
+        res |= {"log_px_iwae": iw, "elbo": el, "nll_nats": -iw, "nll_bpd": -iw / bits}
+        res |= {"elbo_bpd": -el / bits, "K": cfg.nll, "likelihood": like}
     print(json.dumps(res))
     with open(Path(cfg.out) / "nll.jsonl", "a") as f:
         f.write(json.dumps(res) + "\n")
@@ -360,10 +439,12 @@ def nll(cfg: Config):
 if __name__ == "__main__":
     cfg = common.parse(Config, "vae")
     check_flags(cfg)
-    if not (cfg.sample or cfg.nll):
+    if not (cfg.sample or cfg.nll or cfg.ppca):
         train(cfg)
-    elif os.environ.get("RANK", "0") == "0":  # sampling and --nll run in one process
-        if cfg.sample:
+    elif os.environ.get("RANK", "0") == "0":  # PPCA, sampling and --nll run in one process
+        if not (cfg.sample or cfg.nll):
+            fit_ppca(cfg)
+        elif cfg.sample:
             sample(cfg)
         else:
             nll(cfg)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, assert_one_line_error, run
+from conftest import SHARED_DATA, assert_dies, assert_one_line_error, run
 
 import vae as V
 
@@ -93,6 +93,120 @@ def test_iwae_k1_is_the_elbo_in_expectation_and_rises_with_k():
 
 
 # -----------------------------------------------------------------------------
+# PPCA (Tipping & Bishop 1999) and the linear VAE that reaches it
+f64 = torch.float64
+
+
+def ppca_data(n, D=6, k=2, seed=0):
+    """n draws of a known PPCA model (distinct column scales, sigma 0.5, mean 1) and its C."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(D, k, generator=g, dtype=f64) * torch.linspace(3, 1.5, k, dtype=f64)
+    x = torch.randn(n, k, generator=g, dtype=f64) @ W.T + 1.0
+    x += 0.5 * torch.randn(n, D, generator=g, dtype=f64)
+    return x, W @ W.T + 0.25 * torch.eye(D, dtype=f64)
+
+
+def test_ppca_closed_form_is_the_maximum_likelihood():
+    """Eqs. 7-8 are a maximum: the exact log-likelihood's gradient in W, mu and sigma^2 vanishes
+    there (to float64 precision), and random perturbations of the three lower it."""
+    x = ppca_data(500)[0]
+    m = V.PPCA(6, 2).fit(x)
+    W, mu, s2 = (t.clone().requires_grad_() for t in (m.W, m.mu, m.sigma2))
+
+    def ll_at(W, mu, s2):
+        m.W, m.mu, m.sigma2 = W, mu, s2  # the buffers may hold tensors that need grad
+        return m.log_prob(x).mean()
+
+    ll = ll_at(W, mu, s2)
+    ll.backward()
+    for t in (W, mu, s2):
+        assert t.grad.abs().max() < 1e-9, t.grad
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(20):
+            d = [1e-3 * torch.randn(t.shape, generator=g, dtype=f64) for t in (W, mu, s2)]
+            assert ll_at(W + d[0], mu + d[1], s2 + d[2].abs()) < ll
+        assert ll_at(W, mu, s2 * 1.01) < ll and ll_at(W, mu, s2 * 0.99) < ll  # sigma^2 alone
+        assert ll_at(1.01 * W, mu, s2) < ll and ll_at(0.99 * W, mu, s2) < ll  # W's scale alone
+
+
+def test_ppca_log_prob_is_the_multivariate_normal_on_held_out_points():
+    x, _ = ppca_data(400, D=7, k=3)
+    m = V.PPCA(7, 3).fit(x[:300])
+    C = m.W @ m.W.T + m.sigma2 * torch.eye(7, dtype=f64)
+    ref = torch.distributions.MultivariateNormal(m.mu, C).log_prob(x[300:])
+    assert torch.allclose(m.log_prob(x[300:]), ref, rtol=0, atol=1e-10)
+
+
+def test_ppca_posterior_is_gaussian_conditioning():
+    """(z, x) is jointly Gaussian with Cov(z, x) = W^T and Cov(x) = C, so
+    E[z|x] = W^T C^-1 (x - mu) and Cov[z|x] = I - W^T C^-1 W; Eq. 6 must equal both, for any W."""
+    g = torch.Generator().manual_seed(2)
+    m = V.PPCA(5, 2)
+    m.W.copy_(torch.randn(5, 2, generator=g, dtype=f64))  # not orthogonal columns: the general case
+    m.mu.copy_(torch.randn(5, generator=g, dtype=f64))
+    m.sigma2.fill_(0.3)
+    x = torch.randn(8, 5, generator=g, dtype=f64)
+    C = m.W @ m.W.T + 0.3 * torch.eye(5, dtype=f64)
+    mean, cov = m.posterior(x)
+    assert torch.allclose(mean, (m.W.T @ torch.linalg.solve(C, (x - m.mu).T)).T, atol=1e-12)
+    assert torch.allclose(cov, torch.eye(2, dtype=f64) - m.W.T @ torch.linalg.solve(C, m.W))
+
+
+def test_ppca_fit_converges_to_the_true_covariance():
+    errs = []
+    for n in (300, 3000, 30000):
+        x, C = ppca_data(n, D=10, k=3, seed=3)
+        m = V.PPCA(10, 3).fit(x)
+        C_hat = m.W @ m.W.T + m.sigma2 * torch.eye(10, dtype=f64)
+        errs.append(((C_hat - C).norm() / C.norm()).item())
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 0.02, errs
+
+
+def test_linear_vae_elbo_reaches_the_ppca_likelihood():
+    """Lucas et al. 2019: a VAE with linear decoder N(W z + mu, sigma^2 I) and linear Gaussian
+    encoder q(z|x) = N(A x + b, diag(v)) has the PPCA maximum likelihood as its ELBO optimum, and
+    the ELBO is tight there (the true posterior, Eq. 6, is in q's family). Trained by the exact
+    (analytic) ELBO with L-BFGS, it ends within 1e-6 nats of the closed-form log-likelihood, below
+    it, and its C = W W^T + sigma^2 I matches PPCA's."""
+    torch.manual_seed(0)
+    x, _ = ppca_data(2000)
+    D, k = 6, 2
+    ppca = V.PPCA(D, k).fit(x)
+    target = ppca.log_prob(x).mean().item()
+    W, A = ((0.1 * torch.randn(s, dtype=f64)).requires_grad_() for s in ((D, k), (k, D)))
+    b, log_v, mu = (torch.zeros(n, dtype=f64, requires_grad=True) for n in (k, k, D))
+    log_s2 = torch.zeros((), dtype=f64, requires_grad=True)
+
+    def elbo():
+        m, v, s2 = x @ A.T + b, log_v.exp(), log_s2.exp()  # q's mean (N, k), variances (k,)
+        sq = (x - m @ W.T - mu).pow(2).sum(1) + (W.pow(2) * v).sum()  # E_q |x - W z - mu|^2
+        rec = -0.5 * (D * torch.log(2 * math.pi * s2) + sq / s2)  # E_q log p(x|z)
+        return (rec - V.gaussian_kl(m, log_v.expand_as(m))).mean()
+
+    opt = torch.optim.LBFGS(
+        [W, A, b, log_v, mu, log_s2],
+        max_iter=500,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = -elbo()
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # full batch, deterministic: quasi-Newton reaches the optimum in ~1 s
+    final = elbo().item()
+    assert target - 1e-6 < final <= target + 1e-9, (final, target)
+    eye = torch.eye(D, dtype=f64)
+    C, C_ppca = W @ W.T + log_s2.exp() * eye, ppca.W @ ppca.W.T + ppca.sigma2 * eye
+    assert torch.allclose(C.detach(), C_ppca, atol=0.02 * C_ppca.abs().max().item())
+
+
+# -----------------------------------------------------------------------------
 # the CLI contract
 TINY = ["--tiny", "--batch-size", "16", "--log-every", "1", "--sample-every", "2"]
 
@@ -147,6 +261,32 @@ def test_cli_train_resume_exact_sample_and_nll(fake_mnist, tmp_path):
     # the plain AE trains without a KL term
     run("vae.py", *TINY, "--data-dir", fake_mnist, "--out", tmp_path / "ae", "--steps", 2, "--ae")
     assert all(r["kl"] == 0 for r in logs(tmp_path / "ae").values())
+
+
+@pytest.mark.slow
+def test_cli_ppca_fit_sample_nll_and_rebuild(fake_mnist, tmp_path, capsys):
+    """--ppca: no steps; the checkpoint rebuilds PPCA from model_args alone; --nll gives the
+    bits/dim the fit printed (the same seeded dequantization), --sample the decoder means."""
+    out = tmp_path / "ppca"
+    p = run("vae.py", "--ppca", "--z-dim", 5, "--data-dir", fake_mnist, "--out", out)
+    bits = float(p.stdout.split("test ")[1].split(" bits/dim")[0])
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["model_args"]["ppca"] == dict(dim=784, k=5, shape=[1, 28, 28]) and ck["step"] == 0
+    m = V.PPCA(**ck["model_args"]["ppca"])
+    m.load_state_dict(ck["model"])
+    assert m.W.shape == (784, 5) and m.sigma2 > 0 and 0 < bits < 8
+    assert (out / "reconstructions.png").exists() and (out / "interpolation.png").exists()
+    cfg = lambda **k: V.Config(out=str(out), device="cpu", **k)  # in-process: no 2 s imports
+    capsys.readouterr()
+    V.nll(cfg(nll=1))  # no data flag: the run's, from the checkpoint
+    r = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert r["exact"] and r["n"] == 64 and r["nll_bpd"] == pytest.approx(bits, abs=1e-4)
+    V.sample(cfg(sample=6))
+    z = np.load(out / "samples.npz")["arr_0"]
+    assert z.shape == (6, 28, 28, 1) and z.dtype == np.uint8 and z.std() > 0
+    assert_one_line_error(run("vae.py", "--ppca", "--ae", check=False), "--ppca")
+    big = cfg(ppca=True, z_dim=784, data_dir=str(fake_mnist))
+    assert_dies(capsys, lambda: V.fit_ppca(big), "0 < k < D")
 
 
 @pytest.mark.slow
