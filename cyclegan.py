@@ -12,12 +12,16 @@ L = L_GAN(G_AB, D_B) + L_GAN(G_BA, D_A) + lambda_cyc L_cyc, with lambda_cyc = 10
 (and the same for G_BA), D updated on a pool of the last 50 fakes, D's loss halved, Adam 2e-4
 (0.5, 0.999), the learning rate constant for the first half and linearly down to 0 over the
 second. Images are in [-1, 1]. Left out: dropout in G (the paper's CycleGAN runs without it).
+`--arch unit`: UNIT (Liu, Breuel & Kautz 2017, arXiv:1703.00848), two VAEs sharing their last
+encoder and first decoder blocks, so one latent space; trained on each domain's VAE loss, GAN
+losses on translations and a VAE loss on the cycle A -> B -> A. The same data, D, pools, CLI.
 
   python cyclegan.py --data-dir ../shared/data          # built-in mnist-thickness: thin <-> thick
   python cyclegan.py --dataset unaligned --data-dir datasets/horse2zebra --image-size 256 \\
       --batch-size 1 --steps 266800                     # the paper's setup: 200 epochs of 1,334
   python cyclegan.py --sample 2500                      # test A -> B, with L1/PSNR when pairs exist
   python cyclegan.py --sample 1 --input horse.jpg --direction AtoB
+  python cyclegan.py --arch unit --out runs/unit         # UNIT; --sample also draws interp.png
 """
 
 import dataclasses
@@ -42,7 +46,9 @@ class Config(common.Config):
     lr: float = 2e-4  # Adam, all four nets (Sec. 7.1)
     beta1: float = 0.5  # Adam
     beta2: float = 0.999  # Adam
-    lambda_cyc: float = 10.0  # Eq. 3
+    arch: str = "cyclegan"  # cyclegan | unit (two VAEs sharing a latent space); unit's --lr: 1e-4
+    lambda_cyc: float = 10.0  # Eq. 3; unit: both L1 terms (lambda_2 = lambda_4 = 100 / lambda_0)
+    lambda_kl: float = 0.01  # unit: both KL terms (lambda_1 = lambda_3 = 0.1 / lambda_0 = 10)
     lambda_id: float = 0.5  # identity loss weight, times lambda_cyc (Sec. 5.2); 0: off
     pool_size: int = 50  # fakes kept per direction for D's updates (Sec. 4); 0: no pool
     ngf: int = 64  # G's base width; --tiny: 16
@@ -85,9 +91,8 @@ class ResBlock(nn.Module):
 
 class Generator(nn.Module):
     """(B, in_ch, S, S) -> (B, out_ch, S, S), S divisible by 4: c7s1-64, d128, d256, n_blocks x
-    R256, u128, u64, c7s1-out (App. 7.2), tanh. upsample="resize" swaps each transposed conv
-    for nearest upsampling + conv3x3 (Odena et al. 2016), the paper code's FAQ fix for
-    checkerboard artifacts."""
+    R256, u128, u64, c7s1-out (App. 7.2), tanh. upsample="resize": nearest upsampling + conv3x3
+    for each transposed conv (Odena et al. 2016; the paper code's fix for checkerboards)."""
 
     def __init__(self, in_ch=3, out_ch=3, ngf=64, n_blocks=9, upsample="deconv"):
         super().__init__()
@@ -111,18 +116,60 @@ class Generator(nn.Module):
         return self.net(x)
 
 
+class UNIT(nn.Module):
+    """UNIT's two VAEs (Fig. 1) as two Generators cut in the middle of their ResBlocks: encoder d
+    is G_d's first half, decoder d its second, and the ResBlocks either side of the cut are one
+    module in both (the shared layers): one latent space, whose code is the mean of q(z|x) =
+    N(mu, I) (Sec. 3). A -> B, decode_B(encode_A(a)), is as deep as CycleGAN's G_AB."""
+
+    def __init__(self, in_ch=3, out_ch=3, ngf=64, n_blocks=6, upsample="deconv"):
+        super().__init__()
+        n = max(n_blocks, 2)  # one shared ResBlock each side of the cut
+        self.vae = nn.ModuleList([Generator(in_ch, out_ch, ngf, n, upsample) for _ in "AB"])
+        self.cut = 10 + n // 2  # G.net: 10 layers (c7s1, d128, d256), then the ResBlocks
+        for i in (self.cut - 1, self.cut):  # E's last and the decoder's first ResBlock: shared
+            self.vae[1].net[i] = self.vae[0].net[i]
+
+    def encode(self, x, d: int):  # d: 0 for A, 1 for B; mu (B, 4 ngf, S/4, S/4)
+        return self.vae[d].net[: self.cut](x)
+
+    def decode(self, z, d: int):
+        return self.vae[d].net[self.cut :](z)
+
+    def forward(self, a, b):
+        """The training pass: codes mu, z = mu + eps, reconstructions, translations, cycles."""
+        mu = [self.encode(a, 0), self.encode(b, 1)]
+        z = [m + torch.randn_like(m) for m in mu]  # z ~ q(z|x) = N(mu, I)
+        rec = [self.decode(z[0], 0), self.decode(z[1], 1)]
+        fake = [self.decode(z[1], 0), self.decode(z[0], 1)]  # B -> A, A -> B
+        mu += [self.encode(fake[1], 1), self.encode(fake[0], 0)]  # A -> B and B -> A re-encoded
+        cyc = [self.decode(m + torch.randn_like(m), d) for d, m in enumerate(mu[2:])]  # ABA, BAB
+        return mu, rec, fake, cyc
+
+
+class Translator(nn.Module):  # one UNIT direction as a Generator: decode_tgt(encode_src(x))
+    def __init__(self, unit: UNIT, src: int):
+        super().__init__()
+        self.unit, self.src = unit, src
+
+    def forward(self, x):
+        return self.unit.decode(self.unit.encode(x, self.src), 1 - self.src)
+
+
 class PatchDiscriminator(nn.Module):
-    """(B, in_ch, S, S) -> (B, 1, P, P): one score per overlapping patch. n_layers 3 is
-    C64-C128-C256-C512 with a 70x70 receptive field (App. 7.2); 1, 2, 4, 5 give 16, 34, 142, 286.
-    InstanceNorm normalises over the whole image, so each score also sees global statistics."""
+    """(B, in_ch, S, S) -> (B, 1, P, P), one score per overlapping patch; n_layers 3 is C64-C128-
+    C256-C512, a 70x70 receptive field (App. 7.2); 1, 2, 4, 5 give 16, 34, 142, 286."""
 
     def __init__(self, in_ch=3, ndf=64, n_layers=3):
         super().__init__()
         layers, c = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf  # no IN here
         for i in range(1, n_layers + 1):  # stride 2, then one stride-1 layer before the output
             c2 = ndf * min(2**i, 8)
-            layers += [nn.Conv2d(c, c2, 4, 2 if i < n_layers else 1, 1), norm(c2)]
-            layers += [nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(c, c2, 4, 2 if i < n_layers else 1, 1),
+                norm(c2),
+                nn.LeakyReLU(0.2, True),
+            ]
             c = c2
         self.net = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
         self.apply(init_weights)
@@ -131,24 +178,15 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
-def receptive_field(net: nn.Module) -> int:
-    """The input window one output unit sees, from the conv stack: r <- (r - 1) stride + kernel."""
-    r = 1
-    for m in reversed([m for m in net.modules() if isinstance(m, nn.Conv2d)]):
-        r = (r - 1) * m.stride[0] + m.kernel_size[0]
-    return r
-
-
 PATCH = {16: 1, 34: 2, 70: 3, 142: 4, 286: 5}  # receptive field -> PatchGAN n_layers
 
 
 # -----------------------------------------------------------------------------
 # method: the image pool, the losses of Eq. 1-3 in least-squares form, the G and D steps
 class ImagePool:
-    """A history of generated images (Shrivastava et al. 2017; CycleGAN Sec. 4): until it holds
-    `size` images, each new fake is stored and returned; after that, with probability 1/2 a
-    random stored fake is returned and the new one takes its place, else the new one is
-    returned. In the checkpoint (rank 0's pool under DDP); draws from torch's global CPU RNG."""
+    """A history of generated images (Shrivastava et al. 2017; CycleGAN Sec. 4): until full, each
+    new fake is stored and returned; then, with probability 1/2, a stored fake is returned and
+    replaced by the new one. Checkpointed (rank 0's pool under DDP); torch's global CPU RNG."""
 
     def __init__(self, size: int = 50):
         self.size, self.images = size, []
@@ -214,6 +252,30 @@ def g_step(G_AB, G_BA, D_A, D_B, opt_g, real_A, real_B, lambda_cyc=10.0, lambda_
     return fake_A.detach(), fake_B.detach(), stats
 
 
+def kl_term(mu):  # KL(N(mu, I) || N(0, I)) = |mu|^2 / 2, a mean over latent elements as l1's
+    return 0.5 * mu.float().pow(2).mean()
+
+
+def unit_step(U, D_A, D_B, opt_g, real_A, real_B, lambda_l1=10.0, lambda_kl=0.01):
+    """One step of UNIT on L_VAE + L_GAN + L_CC of both domains (Eqs. 2-4; lambda_1..4 over
+    lambda_0): L1 for Laplacian decoders, LSGAN, the Ds frozen. Returns (fake_A, fake_B, stats)."""
+    D_A.requires_grad_(False)
+    D_B.requires_grad_(False)
+    mu, rec, fake, cyc = U(real_A, real_B)
+    vae = l1(rec[0], real_A) + l1(rec[1], real_B)  # Eq. 2: reconstruction, each domain
+    adv = lsgan(D_A(fake[0]), 1.0) + lsgan(D_B(fake[1]), 1.0)  # Eq. 3, G's side
+    cc = l1(cyc[0], real_A) + l1(cyc[1], real_B)  # Eq. 4: back through the other domain
+    kl = [kl_term(m) for m in mu]  # Eq. 2 on the codes; Eq. 4 on them again + the re-encodings
+    loss = adv + lambda_l1 * (vae + cc) + lambda_kl * (2 * kl[0] + 2 * kl[1] + kl[2] + kl[3])
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_g.step()
+    D_A.requires_grad_(True)
+    D_B.requires_grad_(True)
+    stats = dict(loss_g=adv.detach(), rec=vae.detach(), cyc=cc.detach(), kl=sum(kl).detach())
+    return fake[0].detach(), fake[1].detach(), stats
+
+
 def d_step(D_A, D_B, opt_d, real_A, real_B, fake_A, fake_B):
     """One step of both discriminators on reals and on fakes drawn through the pools."""
     loss_a = d_loss(D_A(real_A), D_A(fake_A))
@@ -247,9 +309,8 @@ def morph(x_u8, radius: int):
 
 
 def mnist_thickness(cfg, train: bool):
-    """The built-in task, uint8 (A, B, yA, yB): A = thin digits (eroded by half a pixel each side),
-    B = thick ones (dilated as much). Training: A from the even-numbered digits, B from the odd
-    ones, so no pair exists. Test: every digit in both versions, A[i] and B[i] a pair."""
+    """uint8 (A, B, yA, yB): A thin digits (eroded by half a pixel), B thick (dilated as much);
+    training A from even-numbered digits, B from odd (no pairs); test: A[i], B[i] a pair."""
     x, y = common.load_images(dataclasses.replace(cfg, dataset="mnist", image_size=28), train)
     if train:
         return morph(x[0::2], -1), morph(x[1::2], 1), y[0::2], y[1::2]
@@ -329,17 +390,19 @@ def jitter(x, size: int):
 def check_flags(cfg: Config):
     """A flag outside its set or range of values is a one-line error, before any work."""
     choices = dict(dataset=("mnist-thickness", "unaligned"), upsample=("deconv", "resize"))
-    for name, ok in dict(choices, direction=("AtoB", "BtoA")).items():
+    for name, ok in dict(choices, direction=("AtoB", "BtoA"), arch=("cyclegan", "unit")).items():
         if getattr(cfg, name) not in ok:
             common.die(f"--{name} {getattr(cfg, name)!r}: {' or '.join(ok)}")
     if cfg.patch and cfg.patch not in PATCH:
         common.die(f"--patch {cfg.patch}: a PatchGAN receptive field, one of {sorted(PATCH)}")
     lows = dict(steps=0, batch_size=1, sample=0, ngf=1, ndf=1, n_blocks=0, pool_size=0)
-    for name, lo in dict(lows, lambda_cyc=0, lambda_id=0, image_size=0).items():
+    for name, lo in dict(lows, lambda_cyc=0, lambda_id=0, lambda_kl=0, image_size=0).items():
         if getattr(cfg, name) < lo:
             common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
     if cfg.load_size and cfg.load_size < cfg.image_size:
         common.die(f"--load-size {cfg.load_size} is smaller than --image-size {cfg.image_size}")
+    if cfg.arch == "unit" and "lr" not in getattr(cfg, "given", ()):
+        cfg.lr = 1e-4  # the paper's (Sec. 4)
 
 
 def model_args(cfg: Config, ch: int, size: int) -> dict:
@@ -353,7 +416,15 @@ def model_args(cfg: Config, ch: int, size: int) -> dict:
     blocks = cfg.n_blocks or (6 if size <= 128 else 9)
     G = dict(in_ch=ch, out_ch=ch, ngf=ngf, n_blocks=blocks, upsample=cfg.upsample)
     D = dict(in_ch=ch, ndf=ndf, n_layers=PATCH[rf])
-    return dict(G_AB=G, G_BA=G, D_A=D, D_B=D)
+    return dict(U=G, D_A=D, D_B=D) if cfg.arch == "unit" else dict(G_AB=G, G_BA=G, D_A=D, D_B=D)
+
+
+def build(args: dict, device) -> tuple:
+    """The networks of model_args by name, and the two directions as modules (A -> B, B -> A)."""
+    kinds = {"G": Generator, "U": UNIT, "D": PatchDiscriminator}
+    nets = {k: kinds[k[0]](**v).to(device) for k, v in args.items()}
+    U = nets.get("U")
+    return nets, ((Translator(U, 0), Translator(U, 1)) if U else (nets["G_AB"], nets["G_BA"]))
 
 
 def train(cfg: Config):
@@ -363,33 +434,35 @@ def train(cfg: Config):
     a, b, y_a, y_b = piles(cfg, train=True)
     size = cfg.image_size or a.shape[-1]  # unaligned training piles come at --load-size
     args = model_args(cfg, a.shape[1], size)
-    nets = {k: (Generator if k[0] == "G" else PatchDiscriminator)(**v) for k, v in args.items()}
-    G_AB, G_BA, D_A, D_B = (nets[k].to(device) for k in ("G_AB", "G_BA", "D_A", "D_B"))
+    nets, (G_AB, G_BA) = build(args, device)
+    D_A, D_B = nets["D_A"], nets["D_B"]
     betas, fused = (cfg.beta1, cfg.beta2), device.type == "cuda"
-    params = lambda *ms: [p for m in ms for p in m.parameters()]
-    opt_g = torch.optim.Adam(params(G_AB, G_BA), cfg.lr, betas=betas, fused=fused)  # both Gs
-    opt_d = torch.optim.Adam(params(D_A, D_B), cfg.lr, betas=betas, fused=fused)  # both Ds
+    params = lambda d: [p for k, m in nets.items() if (k[0] == "D") == d for p in m.parameters()]
+    opt_g = torch.optim.Adam(params(False), cfg.lr, betas=betas, fused=fused)  # both Gs or U
+    opt_d = torch.optim.Adam(params(True), cfg.lr, betas=betas, fused=fused)  # both Ds
     pool_A, pool_B = ImagePool(cfg.pool_size), ImagePool(cfg.pool_size)
     flip = cfg.dataset == "unaligned"  # digits are not mirror-symmetric
     batches_a = common.Batches(a, y_a, cfg.batch_size, cfg.seed, device)
     batches_b = common.Batches(b, y_b, cfg.batch_size, cfg.seed + 1, device)  # its own order
     data, start = Unpaired(batches_a, batches_b), 0
     if cfg.resume:
-        need = ("G_AB", "G_BA", "D_A", "D_B", "opt_g", "opt_d", "pool_A", "pool_B")
-        ck = common.resume(cfg, data, need=need)
+        ck = common.resume(cfg, data, need=(*nets, "opt_g", "opt_d", "pool_A", "pool_B"))
         for k, m in dict(nets, opt_g=opt_g, opt_d=opt_d).items():
             common.load_state(m, ck[k], k)
         pool_A.load_state_dict(ck["pool_A"], device)
         pool_B.load_state_dict(ck["pool_B"], device)
         start = ck["step"]
-    G_AB_, G_BA_, D_A_, D_B_ = (common.wrap(m, cfg, device) for m in (G_AB, G_BA, D_A, D_B))
+    w = {k: common.wrap(m, cfg, device) for k, m in nets.items()}  # DDP, compile
     ta, tb, _, _ = piles(cfg, train=False)  # 8 test images of each pile for the pictures
     fixed_a, fixed_b = (t[:8].to(device).float() / 127.5 - 1 for t in (ta, tb))
+    unit = cfg.arch == "unit"  # the G step: its function, networks and weights
+    step_g, gs = (unit_step, (w["U"],)) if unit else (g_step, (w["G_AB"], w["G_BA"]))
+    lambdas = (cfg.lambda_cyc, cfg.lambda_kl if unit else cfg.lambda_id)
     loop = common.Loop(cfg, data, start)
     if common.rank() == 0:
-        n = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (G_AB, D_A)]
+        n = [sum(p.numel() for p in m.parameters()) / 1e6 for m in nets.values()]
         print(
-            f"cyclegan: 2 x G {n[0]:.2f}M + 2 x D {n[1]:.2f}M params, {cfg.dataset}, "
+            f"{cfg.arch}: G {sum(n[:-2]):.2f}M + 2 x D {n[-1]:.2f}M params, {cfg.dataset}, "
             f"{len(a)} A + {len(b)} B images {tuple(a.shape[1:])}, {device}, from step {start}"
         )
     for step in range(start, cfg.steps):
@@ -401,17 +474,15 @@ def train(cfg: Config):
         if flip:  # random crop from --load-size and mirror
             real_A, real_B = jitter(real_A, size), jitter(real_B, size)
 
-        # G step: both generators on adversarial + cycle + identity losses (the paper's code
-        # updates G first, then D on the fakes this step made)
+        # G step: both generators (CycleGAN: adversarial + cycle + identity; UNIT: VAE + GAN +
+        # cycle VAE); the paper's code updates G first, then D on the fakes this step made
         with autocast:
-            fake_A, fake_B, stats = g_step(
-                G_AB_, G_BA_, D_A, D_B, opt_g, real_A, real_B, cfg.lambda_cyc, cfg.lambda_id
-            )
+            fake_A, fake_B, stats = step_g(*gs, D_A, D_B, opt_g, real_A, real_B, *lambdas)
 
         # D step: reals against fakes drawn through the pools
         fake_A, fake_B = pool_A.query(fake_A), pool_B.query(fake_B)
         with autocast:
-            stats |= d_step(D_A_, D_B_, opt_d, real_A, real_B, fake_A, fake_B)
+            stats |= d_step(w["D_A"], w["D_B"], opt_d, real_A, real_B, fake_A, fake_B)
 
         # log
         loop.add(**stats)
@@ -442,22 +513,21 @@ def save_cycles(G_AB, G_BA, a, b, path):
 
 def load_trained(cfg: Config):
     """(G forward, G backward) for --direction, rebuilt from model_args, and the checkpoint."""
-    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt", need=("G_AB", "G_BA", "model_args"))
+    ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt", need=("model_args", "D_A"))
     device, _ = common.setup(cfg)
-    names = ("G_AB", "G_BA") if cfg.direction == "AtoB" else ("G_BA", "G_AB")
-    nets = [Generator(**ck["model_args"][k]).to(device).eval() for k in names]
-    for m, k in zip(nets, names):
-        common.load_state(m, ck[k], k)
-    return *nets, ck, device
+    nets, gs = build(ck["model_args"], device)
+    for k in ck["model_args"]:
+        common.load_state(nets[k].eval(), ck.get(k, {}), k)
+    return *(gs if cfg.direction == "AtoB" else gs[::-1]), ck, device
 
 
-def translate_file(cfg: Config, G, device):
+def translate_file(cfg: Config, G, device, in_ch: int):
     """--input IMG: G applied to one image of any size divisible by 4 (converted to G's mode)."""
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
     try:
-        img = Image.open(cfg.input).convert("L" if G.net[1].in_channels == 1 else "RGB")
+        img = Image.open(cfg.input).convert("L" if in_ch == 1 else "RGB")
     except OSError as e:
         common.die(f"cannot read --input {cfg.input}: {e}")
     if img.size[0] % 4 or img.size[1] % 4:
@@ -469,12 +539,11 @@ def translate_file(cfg: Config, G, device):
 
 
 def sample(cfg: Config):
-    """--sample N: the first N test images of the source domain translated; samples.npz holds
-    the translations (arr_1: the source labels where the data has them); samples.png rows of
-    real | translated | reconstructed; scores on stdout and in <out>/cyclegan_eval.jsonl."""
+    """--sample N: N source test images translated (samples.npz, arr_1 their labels if any;
+    samples.png rows real | out | back), scores on stdout and in <out>/cyclegan_eval.jsonl."""
     G, G_back, ck, device = load_trained(cfg)
     if cfg.input:
-        return translate_file(cfg, G, device)
+        return translate_file(cfg, G, device, ck["model_args"]["D_A"]["in_ch"])
     cfg = common.from_run(cfg, ck)  # the run's --dataset and --data-dir unless given here
     cfg.image_size = ck["config"]["image_size"]
     a, b, y_a, y_b = piles(cfg, train=False)
@@ -486,6 +555,8 @@ def sample(cfg: Config):
     common.save_samples(cfg.out, out, y[:n] if (y >= 0).all() else None)
     rows = torch.stack([x[:32], out[:32], rec[:32]], 1).flatten(0, 1)  # replaces samples.png
     common.save_grid(rows, Path(cfg.out) / "samples.png", nrow=6)
+    if isinstance(G, Translator):  # UNIT's shared latent space: straight lines across domains
+        save_interp(G.unit, *(t[:8].float().to(device) / 127.5 - 1 for t in (a, b)), cfg.out)
     res = dict(n=n, direction=cfg.direction, dataset=cfg.dataset)
     res |= scores(x, out, rec, src, tgt, paired=cfg.dataset == "mnist-thickness")
     print(json.dumps(res))
@@ -494,11 +565,20 @@ def sample(cfg: Config):
     print(f"wrote {n} translations to {cfg.out}/samples.npz and samples.png (real | out | rec)")
 
 
+@torch.no_grad()
+def save_interp(U: UNIT, a, b, out, n: int = 8):
+    """<out>/interp.png: lines from E_A(a) to E_B(b) in the shared latent, decoded into A (odd
+    rows) and B (even rows): what CycleGAN, with no latent space, cannot draw."""
+    za, zb = U.encode(a, 0), U.encode(b, 1)  # (P, C, h, w)
+    t = torch.linspace(0, 1, n, device=za.device).view(n, 1, 1, 1)
+    rows = [U.decode(za[i] + t * (zb[i] - za[i]), d) for i in range(len(a)) for d in (0, 1)]
+    common.save_grid(torch.cat(rows).float(), Path(out) / "interp.png", nrow=n)
+
+
 def scores(x, out, rec, src_u8, tgt_u8, paired: bool) -> dict:
-    """Pixels in [0, 1]. cycle_l1 = |G_back(G(x)) - x|; mass = mean ink; mass_moved: how far the
-    outputs' mean ink went from the source pile's mean to the target's (0: not at all, 1: all
-    the way). When the test piles are pairs (mnist-thickness: A[i] and B[i] are one digit), L1
-    and PSNR against each output's counterpart."""
+    """Pixels in [0, 1]. cycle_l1 = |G_back(G(x)) - x|; mass_moved: how far the outputs' mean ink
+    went from the source pile's mean to the target's (0: not, 1: all the way); for paired test
+    piles (mnist-thickness), L1 and PSNR against each output's counterpart."""
     x, out, rec = ((t + 1) / 2 for t in (x, out, rec))
     m_src, m_tgt, m_out = (t.float().mean().item() for t in (src_u8 / 255, tgt_u8 / 255, out))
     res = dict(cycle_l1=(rec - x).abs().mean().item(), mass_src=m_src, mass_tgt=m_tgt)

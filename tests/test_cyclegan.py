@@ -11,6 +11,7 @@ import torch.nn as nn
 from conftest import SHARED_DATA, assert_dies, assert_one_line_error, run, stop_after, torchrun
 
 import cyclegan as C
+from cgan_pix2pix import receptive_field
 
 
 def test_image_pool_fills_then_swaps_half_the_time():
@@ -103,7 +104,7 @@ def test_patchgan_receptive_field_by_finite_differences(rf):
             D.net[int(name)] = nn.Identity()
         elif isinstance(m, nn.Conv2d):
             nn.init.normal_(m.weight)  # O(1) weights: every path is visible in float64
-    assert C.receptive_field(D) == rf
+    assert receptive_field(D) == rf  # cgan_pix2pix.py's: the same PatchGAN
     S = 2 * rf + 8
     x = torch.randn(1, 1, S, S, dtype=torch.float64)
     with torch.no_grad():
@@ -155,6 +156,75 @@ def test_unaligned_folders_grey_rgb_and_test_fallback(tmp_path):
     cfg = C.Config(dataset="unaligned", data_dir=str(tmp_path / "c"), image_size=32)
     a, _, _, _ = C.piles(cfg, train=True)  # training piles at the load size, 32 * 286 / 256
     assert a.shape[-1] == 36 and C.jitter(a.float(), 32).shape == (2, 3, 32, 32)
+
+
+# -----------------------------------------------------------------------------
+# UNIT (--arch unit): two VAEs sharing a latent space
+def test_unit_shares_the_blocks_at_the_cut_and_composes_its_halves():
+    torch.manual_seed(0)
+    U = C.UNIT(1, 1, 4, 4)
+    A, B = U.vae
+    for i in range(len(A.net)):  # one module in both VAEs exactly at the cut, nowhere else
+        assert (A.net[i] is B.net[i]) == (i in (U.cut - 1, U.cut)), i
+    assert isinstance(A.net[U.cut - 1], C.ResBlock) and isinstance(A.net[U.cut], C.ResBlock)
+    shared = sum(p.numel() for i in (U.cut - 1, U.cut) for p in A.net[i].parameters())
+    assert (
+        sum(p.numel() for p in U.parameters())
+        == 2 * sum(p.numel() for p in A.parameters()) - shared
+    )
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        for d, G in enumerate(U.vae):  # within a domain: private layers, the shared ones, back
+            assert torch.equal(U.decode(U.encode(x, d), d), G(x))
+            assert torch.equal(U.encode(x, d), A.net[U.cut - 1](G.net[: U.cut - 1](x)))
+            z = torch.randn(2, 16, 4, 4)  # a code: 4 ngf channels at a quarter of the size
+            assert torch.equal(U.decode(z, d), G.net[U.cut + 1 :](A.net[U.cut](z)))
+        assert torch.equal(C.Translator(U, 0)(x), B.net[U.cut :](U.encode(x, 0)))  # A -> B
+
+
+def test_unit_kl_term_is_the_closed_form():
+    mu = torch.randn(3, 4, 5, 5)
+    dist = torch.distributions
+    ref = dist.kl_divergence(dist.Normal(mu, 1.0), dist.Normal(0.0, 1.0)).mean()
+    assert C.kl_term(mu).item() == pytest.approx(ref.item(), rel=1e-6)  # per latent element
+
+
+def test_unit_step_losses_by_hand_and_the_cycle_through_the_shared_latent():
+    """The four noise draws of one pass, replayed by hand: z = mu + eps in each domain, the
+    translations, the re-encodings and the cycles A -> B -> A, B -> A -> B; unit_step's losses
+    equal the hand-made ones and its step moves every weight of both VAEs but not the Ds."""
+    torch.manual_seed(0)
+    U = C.UNIT(1, 1, 4, 2)
+    D_A, D_B = nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 1)
+    with torch.no_grad():
+        for m, w in ((D_A, 0.3), (D_B, -0.7)):
+            m.weight.fill_(w)
+            m.bias.zero_()
+    a, b = torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        mu_a, mu_b = U.encode(a, 0), U.encode(b, 1)
+        z_a, z_b = mu_a + torch.randn_like(mu_a), mu_b + torch.randn_like(mu_b)
+        fake_b, fake_a = U.decode(z_a, 1), U.decode(z_b, 0)
+        mu_ab, mu_ba = U.encode(fake_b, 1), U.encode(fake_a, 0)
+        aba = U.decode(mu_ab + torch.randn_like(mu_ab), 0)
+        bab = U.decode(mu_ba + torch.randn_like(mu_ba), 1)
+        rec = C.l1(U.decode(z_a, 0), a) + C.l1(U.decode(z_b, 1), b)
+    want = dict(
+        rec=rec,
+        cyc=C.l1(aba, a) + C.l1(bab, b),
+        loss_g=((0.3 * fake_a - 1) ** 2).mean() + ((-0.7 * fake_b - 1) ** 2).mean(),
+        kl=sum(0.5 * m.pow(2).mean() for m in (mu_a, mu_b, mu_ab, mu_ba)),
+    )
+    weights = [p for p in U.parameters() if p.dim() > 1]  # conv biases before IN get no gradient
+    before = [p.clone() for p in weights]
+    torch.manual_seed(1)
+    fa, fb, s = C.unit_step(U, D_A, D_B, torch.optim.SGD(U.parameters(), 0.1), a, b, 10.0, 0.01)
+    for k, v in want.items():
+        assert s[k].item() == pytest.approx(v.item(), rel=1e-5), k
+    assert torch.allclose(fa, fake_a) and torch.allclose(fb, fake_b)
+    assert D_A.weight.grad is None and D_A.weight.requires_grad  # frozen for the step only
+    assert all(not torch.equal(p, q) for p, q in zip(weights, before))
 
 
 # -----------------------------------------------------------------------------
@@ -216,6 +286,31 @@ def test_cli_resume_mid_decay_is_exact_then_sample(fake_mnist, tmp_path, capsys)
     assert_dies(capsys, lambda: sample(input=str(tmp_path / "y.png")), "multiples of 4")
 
 
+@pytest.mark.slow
+def test_cli_unit_resume_exact_sample_and_interpolations(fake_mnist, tmp_path, capsys):
+    a, b, data = tmp_path / "a", tmp_path / "b", ["--data-dir", fake_mnist, "--arch", "unit"]
+    run("cyclegan.py", TINY, *data, "--out", a, "--steps", 8)
+    k = stop_after("cyclegan.py", TINY, "--steps 8 --ckpt-every 0", *data, "--out", b, step=4)
+    assert 4 <= k < 7, k
+    run("cyclegan.py", TINY, *data, "--out", b, "--steps", 8, "--resume")
+    la, lb = logs(a), logs(b)
+    drop = lambda r: {key: v for key, v in r.items() if key not in ("t", "img_s")}
+    assert [drop(la[s]) for s in range(k + 1, 9)] == [drop(lb[s]) for s in range(k + 1, 9)]
+    assert la[1]["lr"] == 1e-4 and {"rec", "cyc", "kl", "loss_g", "loss_d_a"} <= la[1].keys()
+    ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
+    for key in ("U", "D_A", "D_B"):
+        assert all(torch.equal(ca[key][n], cb[key][n]) for n in ca[key])
+    U = C.UNIT(**ca["model_args"]["U"])  # the class alone rebuilds it
+    U.load_state_dict(ca["U"])
+    p = run("cyclegan.py", "--out", a, "--sample", 12, "--batch-size", 4)
+    r = json.loads(p.stdout.splitlines()[-2])
+    assert r["n"] == 12 and "mass_moved" in r and (a / "interp.png").exists()
+    assert np.load(a / "samples.npz")["arr_0"].shape == (12, 28, 28, 1)
+    c = lambda **k: C.Config(data_dir=str(fake_mnist), out=str(a), tiny=True, steps=9, **k)
+    assert_dies(capsys, lambda: C.train(c(resume=True)), "not a", "checkpoint")  # UNIT's, not
+    # CycleGAN's: resuming it without --arch unit is a one-line error, in-process (no imports)
+
+
 def test_cli_unaligned_rgb_folders(tmp_path):
     for d, n in (("trainA", 3), ("trainB", 4), ("testA", 2), ("testB", 2)):
         write_pile(tmp_path / "h2z" / d, n, 32, seed=n + len(d))
@@ -235,6 +330,7 @@ def test_bad_input(fake_mnist, tmp_path, capsys):
     flags = lambda **k: lambda: C.check_flags(C.Config(**k))
     assert_dies(capsys, flags(dataset="horses"), "--dataset 'horses'")
     assert_dies(capsys, flags(upsample="bilinear"), "--upsample")
+    assert_dies(capsys, flags(arch="munit"), "--arch")
     assert_dies(capsys, flags(patch=50), "--patch")
     assert_dies(capsys, flags(lambda_cyc=-1), "--lambda-cyc")
     piles = lambda d, **k: lambda: C.piles(C.Config(dataset="unaligned", data_dir=d, **k), True)
