@@ -49,7 +49,7 @@ class Config(common.Config):
     arch: str = "cyclegan"  # cyclegan | unit (two VAEs sharing a latent space); unit's --lr: 1e-4
     lambda_cyc: float = 10.0  # Eq. 3; unit: both L1 terms (lambda_2 = lambda_4 = 100 / lambda_0)
     lambda_kl: float = 0.01  # unit: both KL terms (lambda_1 = lambda_3 = 0.1 / lambda_0 = 10)
-    lambda_id: float = 0.5  # identity loss weight, times lambda_cyc (Sec. 5.2); 0: off
+    lambda_id: float = 0.5  # identity loss weight, times lambda_cyc (Sec. 5.2); 0: off; not unit
     pool_size: int = 50  # fakes kept per direction for D's updates (Sec. 4); 0: no pool
     ngf: int = 64  # G's base width; --tiny: 16
     ndf: int = 64  # D's base width; --tiny: 16
