@@ -571,7 +571,8 @@ def sample(cfg: Config):
     else:
         frames = generate(G, slerp(a, b, t).flatten(0, 1), res, alpha)
     common.save_grid(frames, Path(cfg.out) / "interp.png", nrow=10)
-    print(f"wrote {cfg.sample} samples at {res}x{res} (alpha {alpha:.3f}) to {cfg.out}/samples.npz")
+    side = res - 2 * crop  # MNIST's padding cropped away
+    print(f"wrote {cfg.sample} samples, {side}x{side} from G at {res} px (alpha {alpha:.3f})")
 
 
 if __name__ == "__main__":

@@ -164,9 +164,13 @@ def test_style_truncation_and_noise():
         assert not torch.allclose(G(z, 16), a)
         G.blocks[0].l2.noise_scale.fill_(0.5)  # one layer's noise on: outputs vary call to call
         assert not torch.equal(G(z, 16), G(z, 16))
-    G.train()
-    G(z, 8)  # training mode tracks w_avg
-    assert not torch.equal(G.w_avg, G.truncate(G.w_avg, 1.0) * 0)
+    before = G.w_avg.clone()
+    with torch.no_grad():
+        G(z, 8)  # eval mode: w_avg stays
+        assert torch.equal(G.w_avg, before)
+        G.train()
+        G(z, 8)  # training mode tracks it: w_avg <- lerp(w_avg, mean w, 0.005)
+    assert torch.allclose(G.w_avg, before + 0.005 * (w.mean(0) - before), atol=1e-6)
     mixed = G(z, 16, z2=torch.randn(5, 16), cutoff=3)
     assert mixed.shape == (5, 1, 16, 16)
 
