@@ -21,7 +21,7 @@ LDM's GEGLU feed-forward (a GELU MLP here), pretrained text encoders (ours train
   python cfg_ldm.py --sample 100 --guidance 3        # 10 classes, DDIM-50, CFG s = 3
   python cfg_ldm.py --sample 2500 --sweep 0,1,2,3,5,7 # one samples.npz per scale + guidance.png
   python cfg_ldm.py --sample 100 --guide classifier --guidance 5
-  python cfg_ldm.py --stage ldm --cond text --out runs/t2i --data-dir ../shared/data  # captions
+  python cfg_ldm.py --stage ldm --cond text --out runs/t2i --dataset mnist-12k        # captions
   python cfg_ldm.py --sample 20 --out runs/t2i --prompt "a thick 4|a thin seven"
   python cfg_ldm.py --stage ldm --pixel --out runs/pixel   # the same U-Net on pixels, no AE
 The paper's other tasks, with the same U-Net, loop and samplers (Rombach et al. Secs. 4.3-4.5):
@@ -63,6 +63,7 @@ class Config(common.Config):
     stage: str = "ae"  # ae | ldm | classifier: into --out as ae.pt, ckpt.pt, classifier.pt
     cond: str = "class"  # ldm: none | class | text | layout | sr | inpaint (see the docstring)
     pixel: bool = False  # ldm/classifier on pixels instead of latents (no AE)
+    digits: str = "mnist"  # the digits of the built-in mnist-layout: mnist | mnist-12k
     steps: int = 20000  # optimizer steps of this stage
     # autoencoder (LDM's KL-f4: z_ch x H/f x W/f latents)
     f: int = 4  # downsampling factor, a power of 2
@@ -714,7 +715,7 @@ def load_split(cfg: Config, train: bool):
     """(uint8 images, labels), as common.load_images; for layouts the labels are the boxes
     (N, K, 5) in pixels: mnist-layout's canvases, or a folder's metadata.jsonl "boxes"."""
     if cfg.dataset == "mnist-layout":
-        x, y = common.load_images(dataclasses.replace(cfg, dataset="mnist"), train)
+        x, y = common.load_digits(cfg, train)
         n = len(x) if train else len(x) // 2  # test canvases use each test digit about once
         return make_canvases(x, y, n, seed=cfg.seed * 2 + (0 if train else 1))
     x, y = common.load_images(cfg, train)
@@ -928,7 +929,7 @@ def conditions(cfg: Config, x_u8, y):
     if cfg.dataset.startswith("folder:"):
         caps = [str(v) for v in folder_metadata(cfg.dataset[len("folder:") :], "text")]
         return (lambda idx, r: [caps[i] for i in idx.tolist()]), {"test_prompts": caps[:100]}
-    if cfg.dataset != "mnist":
+    if cfg.dataset not in ("mnist", "mnist-12k"):
         common.die(f"--cond text: no built-in captions for {cfg.dataset}; use folder:PATH")
     tert = ink_tertiles(x_u8, y.cpu())
     a = thickness(x_u8, y.cpu(), tert)

@@ -17,8 +17,8 @@ L_cGAN + lambda L_L1 (Eq. 4, lambda = 100), D's loss is halved, and the learning
 linearly to 0 over the second half. At test time G runs as in training (dropout on, batch
 statistics), as the paper does. Images are in [-1, 1]. Left out: the image pool, spectral norm.
 
-  python cgan_pix2pix.py --data-dir ../shared/data                    # class-conditional MNIST
-  python cgan_pix2pix.py --task pix2pix --data-dir ../shared/data     # built-in mnist-edges
+  python cgan_pix2pix.py --dataset mnist-12k                         # class-conditional MNIST
+  python cgan_pix2pix.py --task pix2pix --digits mnist-12k           # built-in mnist-edges
   python cgan_pix2pix.py --task pix2pix --dataset aligned --data-dir datasets/facades \\
       --batch-size 1 --steps 80000 --direction BtoA                   # the paper's facades setup
   python cgan_pix2pix.py --sample 100                  # 10 per class, labels in arr_1
@@ -45,6 +45,7 @@ import common
 class Config(common.Config):
     task: str = "cgan"  # cgan | pix2pix
     dataset: str = ""  # cgan: as common (default mnist); pix2pix: mnist-edges (default) | aligned
+    digits: str = "mnist"  # the digits of the built-in mnist-* tasks: mnist | mnist-12k
     steps: int = 10000
     batch_size: int = 64  # pix2pix paper: 1 (facades) to 10; 64 suits 32x32 digits
     lr: float = 2e-4  # Adam, both nets (DCGAN; pix2pix Sec. 3.3)
@@ -279,7 +280,7 @@ def translate(G, x, batch=64):
 def mnist_edges(cfg, train: bool):
     """The built-in paired task: A = a digit's edge map (morphological gradient, dilation minus
     erosion, thresholded), B = the digit; both padded 28 -> 32 so the U-Net reaches 1x1."""
-    x, y = common.load_images(dataclasses.replace(cfg, dataset="mnist", image_size=28), train)
+    x, y = common.load_digits(cfg, train)
     b = F.pad(x, (2, 2, 2, 2))  # (N, 1, 32, 32) uint8
     f = b.float() / 255
     edge = F.max_pool2d(f, 3, 1, 1) + F.max_pool2d(-f, 3, 1, 1)  # max over 3x3 - min over 3x3
@@ -420,7 +421,7 @@ def train_cgan(cfg: Config):
     G = ConditionalGenerator(**args["G"]).to(device)
     D = ProjectionDiscriminator(**args["D"]).to(device)
     opt_g, opt_d = optimizers(cfg, G, D, device)
-    flip = cfg.dataset not in ("mnist", "fashion")
+    flip = cfg.dataset not in common.DIGITS
     data = common.Batches(x, y, cfg.batch_size, cfg.seed, device, flip=flip)
     start = resume(cfg, data, G, D, opt_g, opt_d) if cfg.resume else 0
     G_, D_ = common.wrap(G, cfg, device), common.wrap(D, cfg, device)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -32,9 +33,9 @@ def die(msg: str, code: int = 2):
 # --- config: a dataclass is the single source of flags; the comment on a field is its -h text
 @dataclasses.dataclass
 class Config:
-    dataset: str = "mnist"  # mnist | fashion | cifar10 | celeba | folder:PATH (README: layouts)
+    dataset: str = "mnist"  # mnist | mnist-12k | fashion | cifar10 | celeba | folder:PATH
     data_dir: str = "./data"  # where torchvision finds (or downloads) the dataset
-    download: bool = True  # let torchvision download a missing dataset
+    download: bool = True  # download a missing dataset (mnist offline: the shipped mnist-12k)
     image_size: int = 0  # 0: the data's own (28 digits, 32 CIFAR-10, 64 CelebA, a folder's)
     out: str = ""  # output folder; default runs/<script>
     steps: int = 100000  # optimizer steps
@@ -94,7 +95,7 @@ def parse(cls, script: str, argv=None):
 
 def from_run(cfg, ck: dict):
     """--sample, --nll, --eval: the run's data flags, from its checkpoint, unless given here."""
-    for k in ("dataset", "data_dir", "download"):
+    for k in ("dataset", "digits", "data_dir", "download"):
         if k not in getattr(cfg, "given", ()) and k in ck.get("config", {}):
             setattr(cfg, k, ck["config"][k])
     return cfg
@@ -178,6 +179,8 @@ SETS = {  # --dataset: (torchvision class, where its files go under --data-dir, 
     "cifar10": ("CIFAR10", "cifar-10-batches-py", 32),
     "celeba": ("CelebA", "celeba", 64),
 }
+DIGITS = ("mnist", "mnist-12k", "fashion")  # 28x28 grey; never flipped (not mirror-symmetric)
+SHIPPED = Path(__file__).resolve().parent / "data" / "mnist-12k.npz"  # data/README.md: origin
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -209,39 +212,84 @@ def load_folder(path: str, size: int):
     return torch.stack(x), torch.tensor([label for _, label in files])
 
 
-def load_images(cfg, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole split as (uint8 (N, C, H, W), labels); CelebA's labels are its 40 attributes."""
+def shipped(train: bool) -> list:
+    """mnist-12k: the 10,000 train / 2,500 test MNIST digits in data/, as [(PIL image, label)],
+    the items torchvision's MNIST gives, so both take the same transform below."""
+    from PIL import Image
+
+    with np.load(SHIPPED) as z:
+        x, y = (z["x_train"], z["y_train"]) if train else (z["x_test"], z["y_test"])
+    return [(Image.fromarray(a, mode="L"), int(label)) for a, label in zip(x, y)]
+
+
+def load_images(cfg, train: bool = True, size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole split as (uint8 (N, C, H, W), labels); CelebA's labels are its 40 attributes.
+    `size` overrides cfg.image_size. mnist with no files and no network falls back to the
+    shipped mnist-12k, in one printed line, and sets cfg.dataset to it (the checkpoint says so)."""
     import torchvision
     import torchvision.transforms as T
 
+    size = size or cfg.image_size
     if cfg.dataset.startswith("folder:"):
-        return load_folder(cfg.dataset[len("folder:") :], cfg.image_size)
-    if cfg.dataset not in SETS:
-        die(f"unknown dataset {cfg.dataset!r} (mnist, fashion, cifar10, celeba, folder:PATH)")
-    (cls, where, size), root = SETS[cfg.dataset], Path(cfg.data_dir)
+        return load_folder(cfg.dataset[len("folder:") :], size)
+    if cfg.dataset not in (*SETS, "mnist-12k"):
+        names = ", ".join((*SETS, "mnist-12k", "folder:PATH"))
+        die(f"unknown dataset {cfg.dataset!r} ({names})")
+    (cls, where, own), root = SETS.get(cfg.dataset, SETS["mnist"]), Path(cfg.data_dir)
     crop = [T.CenterCrop(178)] if cfg.dataset == "celeba" else []  # the usual aligned-face crop
-    size = cfg.image_size or size
+    size = size or own
     tf = T.Compose(crop + [T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
     split = {"train": train}  # CelebA names its splits
     if cls == "CelebA":
         split = {"split": "train" if train else "test"}
+    if cfg.dataset == "mnist-12k":
+        if not SHIPPED.is_file():
+            die(f"mnist-12k: no {SHIPPED} (it comes with the repository: git checkout data)")
+        ds = [(tf(im), label) for im, label in shipped(train)]
+        return load(ds)
     new_dirs = [d for d in [root / where, *(root / where).parents] if not d.exists()]
-    try:
-        ds = getattr(torchvision.datasets, cls)(root, **split, transform=tf, download=cfg.download)
+    try:  # torchvision prints each mirror it fails to reach: the error below says it once
+        with contextlib.redirect_stdout(io.StringIO()):
+            ds = getattr(torchvision.datasets, cls)(
+                root, **split, transform=tf, download=cfg.download
+            )
     except (RuntimeError, OSError) as e:  # missing files, or no network to fetch them
-        for d in new_dirs:  # leave no empty folders behind
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
+        if new_dirs and new_dirs[-1].is_dir():  # leave no folder (or partial file) behind
+            shutil.rmtree(new_dirs[-1])
         cause = [s.strip() for s in str(e).splitlines() if s.strip()] or [type(e).__name__]
+        if cfg.dataset == "mnist" and cfg.download:
+            if rank() == 0:
+                print(
+                    f"mnist: no files in {cfg.data_dir} and no network ({cause[-1][:60]}): "
+                    "using the 12,500 digits shipped in data/ (--dataset mnist-12k)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            cfg.dataset = "mnist-12k"
+            return load_images(cfg, train, size)
         why = f"it cannot be downloaded ({cause[-1][:100]})" if cfg.download else "--no-download"
         die(
             f"{cfg.dataset} not found in {root} and {why}: put the files in {root / where} or "
             "pass --data-dir DIR"
         )
+    return load(ds)
+
+
+def load(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a dataset of (uint8 image, label) items into two tensors."""
     workers = min(4, os.cpu_count()) if len(ds) > 20000 else 0
     g = torch.Generator()  # its own seed draw: loading data never moves the global RNG
     xs, ys = zip(*torch.utils.data.DataLoader(ds, 500, num_workers=workers, generator=g))
     return torch.cat(xs), torch.cat(ys)
+
+
+def load_digits(cfg, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 28x28 digits under a built-in mnist-* task: --digits (mnist, or the shipped
+    mnist-12k); a fallback to the shipped digits is kept in cfg.digits, hence the checkpoint."""
+    src = dataclasses.replace(cfg, dataset=cfg.digits)
+    x, y = load_images(src, train, size=28)
+    cfg.digits = src.dataset
+    return x, y
 
 
 class Batches:

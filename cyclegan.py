@@ -16,7 +16,7 @@ second. Images are in [-1, 1]. Left out: dropout in G (the paper's CycleGAN runs
 encoder and first decoder blocks, so one latent space; trained on each domain's VAE loss, GAN
 losses on translations and a VAE loss on the cycle A -> B -> A. The same data, D, pools, CLI.
 
-  python cyclegan.py --data-dir ../shared/data          # built-in mnist-thickness: thin <-> thick
+  python cyclegan.py --digits mnist-12k                 # built-in mnist-thickness: thin <-> thick
   python cyclegan.py --dataset unaligned --data-dir datasets/horse2zebra --image-size 256 \\
       --batch-size 1 --steps 266800                     # the paper's setup: 200 epochs of 1,334
   python cyclegan.py --sample 2500                      # test A -> B, with L1/PSNR when pairs exist
@@ -41,6 +41,7 @@ import common
 @dataclasses.dataclass
 class Config(common.Config):
     dataset: str = "mnist-thickness"  # mnist-thickness | unaligned (trainA/ trainB/ testA/ testB/)
+    digits: str = "mnist"  # the digits of the built-in mnist-* tasks: mnist | mnist-12k
     steps: int = 10000
     batch_size: int = 16  # the paper: 1 at 256 px; 16 suits 28x28 digits (InstanceNorm: any B)
     lr: float = 2e-4  # Adam, all four nets (Sec. 7.1)
@@ -311,7 +312,7 @@ def morph(x_u8, radius: int):
 def mnist_thickness(cfg, train: bool):
     """uint8 (A, B, yA, yB): A thin digits (eroded by half a pixel), B thick (dilated as much);
     training A from even-numbered digits, B from odd (no pairs); test: A[i], B[i] a pair."""
-    x, y = common.load_images(dataclasses.replace(cfg, dataset="mnist", image_size=28), train)
+    x, y = common.load_digits(cfg, train)
     if train:
         return morph(x[0::2], -1), morph(x[1::2], 1), y[0::2], y[1::2]
     return morph(x, -1), morph(x, 1), y, y

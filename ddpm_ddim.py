@@ -398,7 +398,7 @@ def train(cfg: Config):
     ema = common.EMA(model, cfg.ema_decay)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=0.0, fused=fused)
-    flip = cfg.dataset not in ("mnist", "fashion")
+    flip = cfg.dataset not in common.DIGITS
     data = common.Batches(x, y, cfg.batch_size, cfg.seed, device, flip=flip)
     start = 0
     if cfg.resume:

@@ -1,8 +1,8 @@
 """
 Sample quality: FID, KID, precision/recall, and classifier scores for a samples.npz.
 
-  python evaluate.py runs/ddpm_ddim/samples.npz --dataset mnist --data-dir ../shared/data
-  python evaluate.py --real --dataset mnist --data-dir ../shared/data   # the floor: real vs real
+  python evaluate.py runs/ddpm_ddim/samples.npz --dataset mnist-12k
+  python evaluate.py --real --dataset mnist-12k                      # the floor: real vs real
 
 Features. Digits (mnist, fashion): a small CNN that this file trains on the train split
 (deterministic; 4-6 minutes on 2 CPU cores, a line per epoch), cached under --cache-dir with its
@@ -248,12 +248,13 @@ def box_scores(net, x_u8, boxes) -> dict:
 
 
 def evaluate(args) -> dict:
-    digits = args.dataset in ("mnist", "fashion")
+    digits = args.dataset in common.DIGITS
     x, y = (None, None) if args.real else load_npz(args.samples, args.boxes)  # fails before work
     cfg = common.Config(dataset=args.dataset, data_dir=args.data_dir, download=args.download)
     cfg.image_size = 28 if digits else args.image_size
     x_tr, y_tr = common.load_images(cfg, train=True)
     x_te, y_te = common.load_images(cfg, train=False)
+    args.dataset = cfg.dataset  # mnist-12k if mnist fell back to the shipped digits
     # samples are scored against the test split; --real scores the test split against train
     x, y, ref = (x_te, y_te, x_tr) if args.real else (x, y, x_te)
     x = x[: args.n] if args.n else x
@@ -283,7 +284,9 @@ def main(argv=None):
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     p.add_argument("samples", nargs="?", help="a samples.npz (arr_0 uint8 NHWC, arr_1 labels)")
-    p.add_argument("--dataset", default="mnist", help="mnist | fashion | cifar10 | celeba")
+    p.add_argument(
+        "--dataset", default="mnist", help="mnist | mnist-12k | fashion | cifar10 | celeba"
+    )
     p.add_argument("--data-dir", default="./data", help="where torchvision finds the dataset")
     on_off = argparse.BooleanOptionalAction
     p.add_argument("--download", action=on_off, default=True, help="download a missing dataset")
@@ -299,8 +302,8 @@ def main(argv=None):
         common.die(f"--epochs {args.epochs}: the feature classifier needs at least one epoch")
     if not args.real and not args.samples:
         common.die("give a samples.npz, or --real for the real-data floor")
-    if args.boxes and (args.real or args.dataset != "mnist"):
-        common.die("--boxes scores samples of MNIST layouts: give a samples.npz, --dataset mnist")
+    if args.boxes and (args.real or args.dataset not in ("mnist", "mnist-12k")):
+        common.die("--boxes scores samples of MNIST layouts: a samples.npz, --dataset mnist(-12k)")
     if not args.real and not Path(args.samples).is_file():
         common.die(f"no such file: {args.samples}")
     signal.signal(signal.SIGINT, common.interrupted)  # Ctrl-C: one line, no traceback

@@ -16,7 +16,7 @@ batch-norm layers and ResNet coupling nets (both use Glow's 3-layer CNN here), c
 Expect (README): `--depth 8 --width 128`, 8,000 steps, 42 CPU minutes -> 1.75 test bits/dim on
 MNIST; the published 1.05 takes the full model, 60,000 digits and days of GPU time.
 
-  python flow.py --data-dir ../shared/data            # Glow on MNIST (L=2 levels at 28x28)
+  python flow.py --dataset mnist-12k                  # Glow on MNIST (L=2 levels at 28x28)
   python flow.py --arch realnvp --out runs/realnvp
   python flow.py --nll 2500                           # test bits/dim, interpolation.png
   python flow.py --sample 64 --temperature 1.0        # samples.npz and samples.png
@@ -443,7 +443,7 @@ def train(cfg: Config):
     args = model_args(cfg, x.shape[1], x.shape[-1])
     model = Flow(**args["flow"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-    flip = cfg.dataset not in ("mnist", "fashion")
+    flip = cfg.dataset not in common.DIGITS
     data = common.Batches(x, y, cfg.batch_size, cfg.seed, device, flip=flip)
     start = 0
     if cfg.resume:

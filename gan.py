@@ -13,7 +13,7 @@ Conventions: images in [-1, 1] (G's tanh); D returns logits (no sigmoid; losses 
 D(x) = sigmoid(logit) only in the logs); losses are means over the batch. z is Gaussian as in the
 DCGAN authors' code (the paper says uniform). Left out on purpose: spectral norm, R1, minibatch std.
 
-  python gan.py --data-dir ../shared/data           # MNIST, 28x28
+  python gan.py --dataset mnist-12k                 # MNIST, 28x28
   python gan.py --dataset celeba --steps 30000      # 64x64 faces
   python gan.py --loss hinge --ema 0.999            # hinge loss, samples from an EMA of G
   python gan.py --sample 64                         # from <out>/ckpt.pt
@@ -219,7 +219,7 @@ def train(cfg: Config):
     opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=betas, fused=fused)
     opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=betas, fused=fused)
     ema = common.EMA(G, cfg.ema) if cfg.ema else None
-    flip = cfg.dataset not in ("mnist", "fashion")
+    flip = cfg.dataset not in common.DIGITS
     data = common.Batches(x, y, cfg.batch_size, cfg.seed, device, flip=flip)
     start = 0
     if cfg.resume:

@@ -13,8 +13,8 @@ a learned constant, AdaIN styles, noise inputs, style mixing, truncation) and ke
 loss and schedule; StyleGAN's own runs used a logistic loss with R1 instead, left out here.
 G's output is linear (no tanh); images in [-1, 1]; samples come from an EMA of G (decay 0.999).
 
-  python progan.py --tiny --data-dir ../shared/data          # MNIST padded to 32x32, CPU-sized
-  python progan.py --tiny --arch style --data-dir ../shared/data
+  python progan.py --tiny --dataset mnist-12k                # MNIST padded to 32x32, CPU-sized
+  python progan.py --tiny --arch style --dataset mnist-12k
   python progan.py --dataset folder:ffhq --image-size 256 --phase-kimg 600 \\
       --batch-sizes 4:128,8:128,16:128,32:64,64:32,128:16,256:8   # the paper's 1-GPU schedule
   python progan.py --sample 2500                             # EMA G at the resolution reached
@@ -373,10 +373,10 @@ def slerp(a, b, t):
 def load_data(cfg: Config, train=True):
     """uint8 (N, C, S, S) at the final size: MNIST / Fashion padded 28 -> 32 (then resized to
     S), anything else loaded at S. Returns (images, labels, pixels of padding at size S)."""
-    if cfg.dataset not in ("mnist", "fashion"):
+    if cfg.dataset not in common.DIGITS:
         x, y = common.load_images(cfg, train)
         return x, y, 0
-    x, y = common.load_images(dataclasses.replace(cfg, image_size=28), train)
+    x, y = common.load_images(cfg, train, size=28)
     x = F.pad(x, (2, 2, 2, 2))  # (N, 1, 32, 32): black border
     if cfg.image_size != 32:
         x = F.interpolate(x.float(), size=cfg.image_size, mode="bilinear", antialias=True)

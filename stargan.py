@@ -13,7 +13,7 @@ per G step, Adam 1e-4 (0.5, 0.999), the learning rate decaying linearly to 0 ove
 half. Targets c are the batch's own labels shuffled, so exclusive groups (one hair colour) stay
 one-hot. Images are in [-1, 1]. Left out: the mask vector for training on two datasets (Sec. 3.2).
 
-  python stargan.py --data-dir ../shared/data            # built-in mnist-styles: colour, thick
+  python stargan.py --digits mnist-12k                   # built-in mnist-styles: colour, thick
   python stargan.py --dataset celeba --data-dir data --image-size 128 \\
       --attrs Black_Hair,Blond_Hair,Brown_Hair,Male,Young --steps 200000   # the paper's setup
   python stargan.py --sample 2500                        # test images to random targets
@@ -37,6 +37,7 @@ import common
 @dataclasses.dataclass
 class Config(common.Config):
     dataset: str = "mnist-styles"  # mnist-styles | celeba | folder:PATH (metadata.jsonl attrs)
+    digits: str = "mnist"  # the digits of the built-in mnist-* tasks: mnist | mnist-12k
     attrs: str = ""  # domains, comma-separated; default: all of mnist-styles, the paper's 5 CelebA
     steps: int = 20000  # G steps are steps / n_critic
     batch_size: int = 16  # the paper's
@@ -243,7 +244,7 @@ def mnist_styles(cfg, train: bool):
     """The built-in task: each digit padded to 32x32, its ink in one channel (red, green or
     blue: an exclusive group) and dilated or not ("thick"), drawn from a fixed seed per split,
     so the labels are exact. Returns uint8 (N, 3, 32, 32), attributes (N, 4), digit labels."""
-    x, y = common.load_images(dataclasses.replace(cfg, dataset="mnist", image_size=28), train)
+    x, y = common.load_digits(cfg, train)
     g = torch.Generator().manual_seed(0 if train else 1)
     colour = torch.randint(3, (len(x),), generator=g)  # (N,): 0 red, 1 green, 2 blue
     thick = torch.randint(2, (len(x),), generator=g)  # (N,): independent of the colour
@@ -498,7 +499,7 @@ def sample(cfg: Config):
 def style_scores(cfg, out, c_trg, names, n) -> dict:
     """mnist-styles, from the pixels: colour = the channel with the most ink; thick = more ink
     than halfway between the plain and the dilated rendering of the same test digit."""
-    digits, _ = common.load_images(dataclasses.replace(cfg, dataset="mnist", image_size=28), False)
+    digits, _ = common.load_digits(cfg, False)
     ink = ((out + 1) / 2).clamp(0, 1).sum((2, 3))  # (n, 3): ink per channel
     res, zero = {}, torch.zeros(n, dtype=torch.long)
     if {"red", "green", "blue"} <= set(names):

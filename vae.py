@@ -16,7 +16,7 @@ Left out on purpose: hierarchical latents, flows in q, and free bits.
 fitted in closed form on dequantized pixels (bits/dim comparable with flow.py's); a linear VAE
 trained on the ELBO reaches the same optimum (Lucas et al. 2019; tests/test_vae.py shows it).
 
-  python vae.py --data-dir ../shared/data            # MNIST, Bernoulli decoder
+  python vae.py --dataset mnist-12k                  # MNIST, Bernoulli decoder
   python vae.py --nll 1000                           # test ELBO and IWAE log p(x), K=1000
   python vae.py --sample 64                          # prior samples (Bernoulli means)
   python vae.py --ae --out runs/ae                   # the baseline: an AE cannot sample
@@ -239,7 +239,7 @@ def iwae_bound(model, x01, K: int, likelihood: str, chunk: int = 256):
 # -----------------------------------------------------------------------------
 # training
 def likelihood_of(cfg: Config) -> str:
-    auto = "bernoulli" if cfg.dataset == "mnist" else "gaussian"
+    auto = "bernoulli" if cfg.dataset in ("mnist", "mnist-12k") else "gaussian"
     return auto if cfg.likelihood == "auto" else cfg.likelihood
 
 
@@ -300,7 +300,7 @@ def train(cfg: Config):
     like, args = likelihood_of(cfg), model_args(cfg, x.shape[1], x.shape[-1])
     model = VAE(**args["vae"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-    flip = cfg.dataset not in ("mnist", "fashion")
+    flip = cfg.dataset not in common.DIGITS
     data = common.Batches(x, y, cfg.batch_size, cfg.seed, device, flip=flip)
     start = 0
     if cfg.resume:

@@ -13,10 +13,10 @@ the paper used a PixelCNN), and `--sample` draws codes from it and decodes them.
 Images are in [-1, 1]; reconstruction is the MSE (a fixed-variance Gaussian log p(x|z) up to
 constants), and every loss is a mean over its elements, as in the reference implementation.
 
-  python vqvae.py --data-dir ../shared/data                # stage 1: encoder, codebook, decoder
-  python vqvae.py --stage prior --data-dir ../shared/data  # stage 2: the prior over codes
+  python vqvae.py --dataset mnist-12k                      # stage 1: encoder, codebook, decoder
+  python vqvae.py --stage prior --dataset mnist-12k        # stage 2: the prior over codes
   python vqvae.py --sample 64 --temperature 1.0            # both stages -> images
-  python vqvae.py --eval --data-dir ../shared/data         # test MSE, PSNR, codebook usage
+  python vqvae.py --eval --dataset mnist-12k               # test MSE, PSNR, codebook usage
   python vqvae.py --tiny --ema --steps 2000                # a CPU-sized run, EMA codebook
 """
 
@@ -329,7 +329,7 @@ def train_vqvae(cfg: Config):
     args = {"vqvae": vqvae_args(cfg, x.shape[1], x.shape[-1])}
     model = VQVAE(**args["vqvae"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-    flip = cfg.dataset not in ("mnist", "fashion")
+    flip = cfg.dataset not in common.DIGITS
     data = common.Batches(x, y, cfg.batch_size, cfg.seed, device, flip=flip)
     start = 0
     if cfg.resume:

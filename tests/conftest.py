@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"  # real MNIST (10k train, 2.5k test), when present
 sys.path.insert(0, str(ROOT))
 
 

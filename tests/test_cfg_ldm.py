@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, assert_one_line_error, run, torchrun
+from conftest import assert_one_line_error, run, torchrun
 
 import cfg_ldm as L
 
@@ -314,18 +314,17 @@ def dropped_over_conditional(out, x):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_autoencoder_and_latent_diffusion_learn_on_real_digits(tmp_path):
     """The AE reaches 17 dB test PSNR in 150 steps; 150 LDM steps bring L_simple down by a third;
     the SR and inpainting models learn to use their conditions."""
-    base = ["--data-dir", SHARED_DATA, "--batch-size 32 --lr 1e-3 --sample-every 0"]
+    base = ["--dataset mnist-12k --batch-size 32 --lr 1e-3 --sample-every 0"]
     base += ["--log-every 25 --tiny"]
     p = run("cfg_ldm.py", *base, "--out", tmp_path, "--stage ae --steps 150", timeout=600)
     assert float(p.stdout.split("test PSNR ")[1].split()[0]) > 17, p.stdout
     run("cfg_ldm.py", *base, "--out", tmp_path, "--stage ldm --steps 150", timeout=600)
     ls = logged(tmp_path)
     assert ls[150] < 0.67 * ls[25], ls
-    x = L.to_float(L.load_split(L.Config(data_dir=str(SHARED_DATA)), train=False)[0][:256], "cpu")
+    x = L.to_float(L.load_split(L.Config(dataset="mnist-12k"), train=False)[0][:256], "cpu")
     for task in ("sr", "inpaint"):
         (tmp_path / task).mkdir()
         (tmp_path / task / "ae.pt").write_bytes((tmp_path / "ae.pt").read_bytes())

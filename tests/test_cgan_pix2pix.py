@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import SHARED_DATA, assert_one_line_error, run
+from conftest import assert_one_line_error, run
 
 import cgan_pix2pix as P
 
@@ -289,13 +289,11 @@ def test_cli_bad_input(fake_mnist, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_pix2pix_learns_on_real_digits(tmp_path):
     """60 --tiny steps (lr 1e-3) on real edge maps: the L1 to the target digits halves."""
     run(
         "cgan_pix2pix.py",
-        "--task pix2pix --tiny --data-dir",
-        SHARED_DATA,
+        "--task pix2pix --tiny --digits mnist-12k",
         "--out",
         tmp_path,
         "--steps 60 --batch-size 32 --lr 1e-3 --log-every 10 --sample-every 0",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import SHARED_DATA, assert_dies, assert_one_line_error, run, stop_after, torchrun
+from conftest import assert_dies, assert_one_line_error, run, stop_after, torchrun
 
 import cyclegan as C
 from cgan_pix2pix import receptive_field
@@ -365,14 +365,13 @@ def test_ddp_two_ranks_stay_in_step(fake_mnist, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_learns_to_thicken_real_digits(tmp_path):
     """100 --tiny steps on real digits (lr 1e-3): the translated test digits move most of the
     way from thin to thick in ink and come closer to their exact thick counterparts than the
     thin sources are (measured: 0.82 of the way, L1 0.046 against 0.120; untrained, 2.0 and
     0.33: it inks everything)."""
     flags = "--tiny --steps 100 --batch-size 8 --lr 1e-3 --log-every 50 --sample-every 0"
-    run("cyclegan.py", flags, "--data-dir", SHARED_DATA, "--out", tmp_path)
+    run("cyclegan.py", flags, "--digits mnist-12k --out", tmp_path)
     p = run("cyclegan.py", "--out", tmp_path, "--sample", 300, "--batch-size", 300)
     r = json.loads(p.stdout.splitlines()[-2])
     assert 0.6 < r["mass_moved"] < 1.4 and r["l1"] < 0.5 * r["l1_source_as_output"], r

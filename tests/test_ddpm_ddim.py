@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA, assert_one_line_error, run, torchrun
+from conftest import ROOT, assert_one_line_error, run, torchrun
 
 import ddpm_ddim as D
 
@@ -451,13 +451,11 @@ def test_ddp_two_gloo_ranks_stay_identical(fake_mnist, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_learns_on_real_digits(tmp_path):
     """A few hundred --tiny steps on real MNIST bring L_simple far below its starting value."""
     run(
         "ddpm_ddim.py",
-        "--tiny --data-dir",
-        SHARED_DATA,
+        "--tiny --dataset mnist-12k",
         "--out",
         tmp_path,
         "--steps 200 --batch-size 32 --lr 1e-3 --log-every 25 --sample-every 0",

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, assert_one_line_error, run, torchrun
+from conftest import assert_one_line_error, run, torchrun
 
 import flow as Fl
 
@@ -333,13 +333,11 @@ def test_ddp_two_gloo_ranks_start_from_one_actnorm_init_and_stay_identical(fake_
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_learns_on_real_digits(tmp_path):
     """150 --tiny steps on real MNIST take bits/dim far below its value after 25 steps."""
     run(
         "flow.py",
-        "--tiny --data-dir",
-        SHARED_DATA,
+        "--tiny --dataset mnist-12k",
         "--out",
         tmp_path,
         "--steps 150 --batch-size 64 --log-every 25 --sample-every 0",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_DATA, assert_dies, assert_one_line_error, run, stop_after, torchrun
+from conftest import assert_dies, assert_one_line_error, run, stop_after, torchrun
 
 import stargan as S
 
@@ -230,12 +230,11 @@ def test_ddp_two_ranks_stay_in_step(fake_mnist, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_learns_to_recolour_real_digits(tmp_path):
     """300 --tiny steps on real digits (lr 5e-4): the translations take the target colour
     (measured: 0.32 untrained, 0.69 after 200 steps, 1.00 after 400)."""
     flags = "--tiny --steps 300 --batch-size 16 --lr 5e-4 --log-every 100 --sample-every 0"
-    run("stargan.py", flags, "--data-dir", SHARED_DATA, "--out", tmp_path)
+    run("stargan.py", flags, "--digits mnist-12k --out", tmp_path)
     p = run("stargan.py", "--out", tmp_path, "--sample", 300, "--batch-size", 300)
     r = json.loads(p.stdout.splitlines()[-2])
     assert r["colour_acc"] > 0.8, r

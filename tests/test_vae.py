@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, assert_dies, assert_one_line_error, run
+from conftest import assert_dies, assert_one_line_error, run
 
 import vae as V
 
@@ -310,13 +310,11 @@ def test_cli_bad_input(fake_mnist, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_learns_on_real_digits(tmp_path):
     """150 --tiny steps on real MNIST bring the negative ELBO far below its starting value."""
     run(
         "vae.py",
-        "--tiny --data-dir",
-        SHARED_DATA,
+        "--tiny --dataset mnist-12k",
         "--out",
         tmp_path,
         "--steps 150 --batch-size 64 --log-every 25 --sample-every 0",

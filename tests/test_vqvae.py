@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_DATA, assert_one_line_error, run, torchrun
+from conftest import assert_one_line_error, run, torchrun
 
 import vqvae as Q
 
@@ -192,13 +192,11 @@ def test_ddp_two_gloo_ranks_keep_one_codebook(fake_mnist, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data")
 def test_learns_on_real_digits(tmp_path):
     """A short --tiny stage 1 on real MNIST: the reconstruction error falls well below its start."""
     run(
         "vqvae.py",
-        "--tiny --data-dir",
-        SHARED_DATA,
+        "--tiny --dataset mnist-12k",
         "--out",
         tmp_path,
         "--steps 100 --batch-size 32 --lr 2e-3 --log-every 20 --sample-every 0",
