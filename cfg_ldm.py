@@ -99,6 +99,11 @@ class Config(common.Config):
     layout: str = ""  # --sample, layout: a JSON list of layouts [[label, x0, y0, x1, y1], ...]
     input: str = ""  # --sample, sr: a low-res image to upsample; inpaint: an image to complete
     mask: str = ""  # --sample, inpaint with --input: a mask image of its size, white = fill
+    at_least = dict(T=2, guidance=0, z_ch=1, heads=1, max_len=1, grid=2, sr_factor=1)
+    at_least |= dict(sample_steps=1, p_uncond=0)
+    choices = dict(stage=("ae", "ldm", "classifier"), guide=("cfg", "classifier"))
+    choices |= dict(cond=("none", "class", "text", "layout", "sr", "inpaint"))
+    choices |= dict(schedule=("scaled_linear", "linear"), digits=("mnist", "mnist-12k"))
 
 
 # -----------------------------------------------------------------------------
@@ -756,21 +761,10 @@ def ldm_args(cfg: Config, ch: int, n_classes: int, concat_ch: int = 0) -> dict:
 
 
 def check_flags(cfg: Config):
-    """A flag outside its set or range of values is a one-line error, before any work."""
-    conds = ("none", "class", "text", "layout", "sr", "inpaint")
-    sets = [("stage", ("ae", "ldm", "classifier")), ("cond", conds)]
-    sets += [("guide", ("cfg", "classifier")), ("schedule", ("scaled_linear", "linear"))]
-    for name, allowed in sets:
-        if getattr(cfg, name) not in allowed:
-            common.die(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    lows = [("steps", 0), ("batch_size", 1), ("T", 2), ("sample", 0), ("guidance", 0)]
-    lows += [("z_ch", 1), ("heads", 1), ("max_len", 1), ("grid", 2), ("sr_factor", 1)]
-    for name, lo in lows:
-        if getattr(cfg, name) < lo:
-            common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
-    if not 1 <= cfg.sample_steps <= cfg.T:
+    """What the declared ranges in Config cannot say: a one-line error, before any work."""
+    if cfg.sample_steps > cfg.T:
         common.die(f"--sample-steps {cfg.sample_steps}: must be between 1 and T={cfg.T}")
-    if not 0 <= cfg.p_uncond <= 1:
+    if cfg.p_uncond > 1:
         common.die(f"--p-uncond {cfg.p_uncond}: must be between 0 and 1")
     levels(cfg)
     if cfg.stage == "ae" or cfg.sample:

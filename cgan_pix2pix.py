@@ -59,6 +59,9 @@ class Config(common.Config):
     direction: str = "AtoB"  # pix2pix: AtoB | BtoA (which half of each pair is the input)
     patch: int = 0  # PatchGAN receptive field 16|34|70|142|286; 0: 70 from 128 px, else <= size/2
     load_size: int = 0  # aligned: resize to this before the random crop; 0: size * 286 / 256
+    at_least = dict(z_dim=1, emb_dim=1, ngf=1, ndf=1, lambda_l1=0)
+    choices = dict(task=("cgan", "pix2pix"), direction=("AtoB", "BtoA"))
+    choices |= dict(digits=("mnist", "mnist-12k"))
 
 
 # -----------------------------------------------------------------------------
@@ -341,10 +344,8 @@ def split_ab(ab, direction: str, a_ch: int):
 # -----------------------------------------------------------------------------
 # training: the two tasks share the D and G steps, the optimizers and the checkpoint
 def check_flags(cfg: Config):
-    """A flag outside its set or range of values is a one-line error, before any work; also
+    """What the declared ranges in Config cannot say: a one-line error, before any work; also
     resolves the task's default dataset."""
-    if cfg.task not in ("cgan", "pix2pix"):
-        common.die(f"--task {cfg.task!r}: choose cgan or pix2pix")
     cfg.dataset = cfg.dataset or ("mnist" if cfg.task == "cgan" else "mnist-edges")
     if cfg.task == "pix2pix" and cfg.dataset not in ("mnist-edges", "aligned"):
         common.die(
@@ -353,14 +354,8 @@ def check_flags(cfg: Config):
         )
     if cfg.task == "cgan" and cfg.dataset in ("mnist-edges", "aligned", "celeba"):
         common.die(f"--dataset {cfg.dataset!r} has no class labels for --task cgan")
-    if cfg.direction not in ("AtoB", "BtoA"):
-        common.die(f"--direction {cfg.direction!r}: AtoB or BtoA")
     if cfg.patch and cfg.patch not in PATCH:
         common.die(f"--patch {cfg.patch}: a PatchGAN receptive field, one of {sorted(PATCH)}")
-    at_least = dict(steps=0, batch_size=1, sample=0, z_dim=1, emb_dim=1, ngf=1, ndf=1)
-    for name, lo in dict(at_least, lambda_l1=0).items():
-        if getattr(cfg, name) < lo:
-            common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
 
 
 def cgan_args(cfg: Config, ch: int, size: int, n_classes: int) -> dict:

@@ -2,7 +2,6 @@
 EMA, image grids, atomic checkpoints with exact resume, logging, signals. No model lives here."""
 
 import argparse
-import ast
 import contextlib
 import copy
 import dataclasses
@@ -12,16 +11,20 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
 import time
-import tokenize
+from collections import ChainMap
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
 
 
 def die(msg: str, code: int = 2):
@@ -43,7 +46,7 @@ class Config:
     lr: float = 2e-4  # peak learning rate
     seed: int = 0  # seeds weights, data order and noise (each DDP rank adds its rank)
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
-    threads: int = 0  # torch CPU threads; 0: OMP_NUM_THREADS if set, else one per idle CPU
+    threads: int = 0  # torch CPU threads; 0: torch's default (OMP_NUM_THREADS, else one per core)
     compile: bool = False  # torch.compile the training model
     amp: bool = True  # bf16 autocast on CUDA (ignored elsewhere)
     tiny: bool = False  # a small model for CPU runs and tests
@@ -52,31 +55,31 @@ class Config:
     ckpt_every: int = 1000  # 0: only at the end
     resume: bool = False  # continue from <out>/ckpt.pt
     sample: int = 0  # N > 0: no training; load <out>/ckpt.pt, write N samples
+    # declared ranges, checked once by parse(); a script's Config adds its own (merged over bases)
+    at_least = dict(steps=0, batch_size=1, threads=0, log_every=0, sample_every=0, ckpt_every=0)
+    at_least |= dict(sample=0, image_size=0)
+    choices = dict(device=("auto", "cpu", "cuda", "mps"))
 
 
 def field_help(cls) -> dict:
-    """{field: the comments on its lines}, read by tokenize: a wrapped line keeps its help."""
-    helps = {}
-    for klass in reversed(cls.__mro__[:-1]):
-        src = inspect.getsource(klass)
-        toks = tokenize.generate_tokens(io.StringIO(src).readline)
-        notes = {t.start[0]: t.string[1:].strip() for t in toks if t.type == tokenize.COMMENT}
-        notes = {i: s for i, s in notes.items() if not s.startswith("fmt:")}
-        for node in ast.parse(src).body[0].body:
-            if isinstance(node, ast.AnnAssign):
-                text = " ".join(
-                    notes[i] for i in range(node.lineno, node.end_lineno + 1) if i in notes
-                )
-                helps[node.target.id] = text or helps.get(node.target.id, "")  # or the base's
-    return helps
+    """{field: the comment on its line}, over the class and its bases (a field fits one line)."""
+    line = re.compile(r"^\s+(\w+): [\w\[\], |]+ = .*?  # (.*)$")
+    src = [ln for c in cls.__mro__[-2::-1] for ln in inspect.getsource(c).splitlines()]
+    return {m[1]: m[2] for m in map(line.match, src) if m}
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """-h with every default (none shown when empty) and the description kept as written."""
+
+    def _get_help_string(self, action):
+        empty = action.default in ("", None, argparse.SUPPRESS)
+        return action.help if empty else super()._get_help_string(action)
 
 
 def parse(cls, script: str, argv=None):
-    """Argparse from a Config dataclass: `-h` shows defaults, bools get --x/--no-x; the config
-    remembers the flags given (`cfg.given`)."""
+    """Argparse from a Config: bools get --x/--no-x, declared ranges are checked; cfg.given."""
     helps = field_help(cls)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(f"{script}.py", formatter_class=fmt)
+    p = argparse.ArgumentParser(f"{script}.py", formatter_class=Help)
     for f in dataclasses.fields(cls):
         kw = dict(default=f.default, help=helps.get(f.name, "").replace("%", "%%"))
         if f.type in (bool, "bool"):
@@ -88,6 +91,12 @@ def parse(cls, script: str, argv=None):
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     argv = [flag(a).replace("_", "-") + a[len(flag(a)) :] if a[:2] == "--" else a for a in argv]
     cfg = cls(**vars(p.parse_args(argv)))
+    for k, ok in ChainMap(*(vars(c).get("choices", {}) for c in cls.__mro__)).items():
+        if getattr(cfg, k) not in ok:
+            die(f"--{k.replace('_', '-')} {getattr(cfg, k)!r}: choose one of {', '.join(ok)}")
+    for k, lo in ChainMap(*(vars(c).get("at_least", {}) for c in cls.__mro__)).items():
+        if getattr(cfg, k) < lo:
+            die(f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be at least {lo}")
     cfg.out = cfg.out or f"runs/{script}"
     cfg.given = {flag(a)[2:].removeprefix("no-").replace("-", "_") for a in argv if a[:2] == "--"}
     return cfg
@@ -102,29 +111,9 @@ def from_run(cfg, ck: dict):
 
 
 # --- device, precision, data parallel (torchrun: NCCL on GPUs, gloo on CPU)
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def interrupted(signum, frame):
-    die("interrupted", code=130)  # Ctrl-C outside a training loop: one line, no traceback
-
-
-def idle_cpus() -> int:
-    """CPUs that no other process used over the last 0.2 s (Linux's /proc/stat), at least 1."""
-    ticks = lambda: [int(v) for v in open("/proc/stat").readline().split()[1:]]
-    try:
-        a = ticks()
-        time.sleep(0.2)
-        b = ticks()
-    except OSError:  # not Linux: all of them
-        return os.cpu_count() or 1
-    idle = (b[3] + b[4] - a[3] - a[4]) / max(1, sum(b) - sum(a))  # idle + iowait share
-    return max(1, round(idle * (os.cpu_count() or 1)))
+rank = lambda: dist.get_rank() if dist.is_initialized() else 0  # this process's DDP rank
+world = lambda: dist.get_world_size() if dist.is_initialized() else 1  # processes in the run
+interrupted = lambda *_: die("interrupted", code=130)  # Ctrl-C outside training: one line
 
 
 def setup(cfg):
@@ -140,23 +129,21 @@ def setup(cfg):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.threads or "OMP_NUM_THREADS" not in os.environ:  # README, "Threads": measured
-        torch.set_num_threads(cfg.threads or idle_cpus())
+    if cfg.threads:  # on cores shared with other work, fewer threads run faster (docs/bench.md)
+        torch.set_num_threads(cfg.threads)
     signal.signal(signal.SIGINT, interrupted)  # common.Loop replaces it while training
     seed = cfg.seed + rank()  # every rank draws its own noise
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if device.type == "cuda" and cfg.amp and torch.cuda.is_bf16_supported():
         return device, torch.autocast("cuda", dtype=torch.bfloat16)  # bf16: no GradScaler needed
     return device, contextlib.nullcontext()
 
 
 def wrap(model, cfg, device, **ddp):
-    """DDP (under torchrun; `ddp`: its options), then optional torch.compile; save the unwrapped
-    `model`'s state."""
+    """DDP (under torchrun; `ddp`: its options), then --compile; save the unwrapped model."""
     if dist.is_initialized():
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **ddp)
@@ -165,20 +152,16 @@ def wrap(model, cfg, device, **ddp):
 
 def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """Reduce over DDP ranks (identity in one process); NCCL wants CUDA tensors, gloo CPU."""
-    if not dist.is_initialized():
-        return t
-    t = t.cuda() if dist.get_backend() == "nccl" else t.cpu()
-    dist.all_reduce(t, op=op)
+    if dist.is_initialized():
+        t = t.cuda() if dist.get_backend() == "nccl" else t.cpu()
+        dist.all_reduce(t, op=op)
     return t
 
 
 # --- data: a split decoded once to uint8, held on the GPU when small, served in [-1, 1]
-SETS = {  # --dataset: (torchvision class, where its files go under --data-dir, image size)
-    "mnist": ("MNIST", "MNIST/raw", 28),
-    "fashion": ("FashionMNIST", "FashionMNIST/raw", 28),
-    "cifar10": ("CIFAR10", "cifar-10-batches-py", 32),
-    "celeba": ("CelebA", "celeba", 64),
-}
+# --dataset: (torchvision class, where its files go under --data-dir, image size)
+SETS = dict(mnist=("MNIST", "MNIST/raw", 28), fashion=("FashionMNIST", "FashionMNIST/raw", 28))
+SETS |= dict(cifar10=("CIFAR10", "cifar-10-batches-py", 32), celeba=("CelebA", "celeba", 64))
 DIGITS = ("mnist", "mnist-12k", "fashion")  # 28x28 grey; never flipped (not mirror-symmetric)
 SHIPPED = Path(__file__).resolve().parent / "data" / "mnist-12k.npz"  # data/README.md: origin
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -191,92 +174,61 @@ def folder_files(path: str) -> list:
         die(f"--dataset folder:{path}: no such folder")
     classes = [d for d in sorted(Path(path).iterdir()) if d.is_dir() and images(d)]
     files = [(f, 0) for f in images(path)]  # a flat folder wins over subfolders
-    return files or [(f, i) for i, d in enumerate(classes) for f in images(d)]
-
-
-def load_folder(path: str, size: int):
-    """A flat folder of images (one class, label 0), or one subfolder of images per class."""
-    from PIL import Image
-    from torchvision.transforms import functional as TF
-
-    files = folder_files(path)
+    files = files or [(f, i) for i, d in enumerate(classes) for f in images(d)]
     if not files:
-        die(f"no images in {path} (give a folder of images, or one subfolder of images per class)")
-    try:
-        imgs = [Image.open(f).convert("RGB") for f, _ in files]
-    except OSError as e:
-        die(f"cannot read an image in {path}: {e}")
-    sizes = {min(im.size) for im in imgs}
-    size = size or (sizes.pop() if len(sizes) == 1 else 64)  # the images' own size when shared
-    x = [TF.pil_to_tensor(TF.center_crop(TF.resize(im, size), size)) for im in imgs]
-    return torch.stack(x), torch.tensor([label for _, label in files])
+        die(f"no images in {path} (give a folder of images, or one subfolder per class)")
+    return files
 
 
-def shipped(train: bool) -> list:
-    """mnist-12k: the 10,000 train / 2,500 test MNIST digits in data/, as [(PIL image, label)],
-    the items torchvision's MNIST gives, so both take the same transform below."""
-    from PIL import Image
-
-    with np.load(SHIPPED) as z:
-        x, y = (z["x_train"], z["y_train"]) if train else (z["x_test"], z["y_test"])
-    return [(Image.fromarray(a, mode="L"), int(label)) for a, label in zip(x, y)]
+def fetch(cfg, train: bool, tf):
+    """torchvision's split, downloaded when missing; None where mnist falls back to mnist-12k."""
+    (cls, where, _), root = SETS[cfg.dataset], Path(cfg.data_dir)
+    split = {"split": "train" if train else "test"} if cls == "CelebA" else {"train": train}
+    new = [d for d in [root / where, *(root / where).parents] if not d.exists()]
+    try:  # torchvision prints each mirror it fails to reach: the error below says it once
+        with contextlib.redirect_stdout(io.StringIO()):
+            ds = getattr(torchvision.datasets, cls)
+            return ds(root, **split, transform=tf, download=cfg.download)
+    except (RuntimeError, OSError) as e:  # missing files, or no network to fetch them
+        if new and new[-1].is_dir():  # leave no folder (or partial file) behind
+            shutil.rmtree(new[-1])
+        cause = ([s.strip() for s in str(e).splitlines() if s.strip()] or [type(e).__name__])[-1]
+    if cfg.dataset == "mnist" and cfg.download:
+        msg = f"mnist: no files in {cfg.data_dir} and no network ({cause[:60]}): using the "
+        print(msg + "12,500 digits shipped in data/ (--dataset mnist-12k)", file=sys.stderr)
+        return None
+    why = f"it cannot be downloaded ({cause[:100]})" if cfg.download else "--no-download"
+    die(f"{cfg.dataset} not found in {root} and {why}: put the files in {root / where} or pass "
+        "--data-dir DIR")  # fmt: skip
 
 
 def load_images(cfg, train: bool = True, size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole split as (uint8 (N, C, H, W), labels); CelebA's labels are its 40 attributes.
-    `size` overrides cfg.image_size. mnist with no files and no network falls back to the
-    shipped mnist-12k, in one printed line, and sets cfg.dataset to it (the checkpoint says so)."""
-    import torchvision
-    import torchvision.transforms as T
-
-    size = size or cfg.image_size
-    if cfg.dataset.startswith("folder:"):
-        return load_folder(cfg.dataset[len("folder:") :], size)
-    if cfg.dataset not in (*SETS, "mnist-12k"):
-        names = ", ".join((*SETS, "mnist-12k", "folder:PATH"))
-        die(f"unknown dataset {cfg.dataset!r} ({names})")
-    (cls, where, own), root = SETS.get(cfg.dataset, SETS["mnist"]), Path(cfg.data_dir)
-    crop = [T.CenterCrop(178)] if cfg.dataset == "celeba" else []  # the usual aligned-face crop
-    size = size or own
+    """A whole split as uint8 (N, C, H, W) and labels (CelebA's: its 40 attributes). mnist with no
+    files and no network falls back to mnist-12k in one line, set in cfg.dataset (and the ckpt)."""
+    name, pil = cfg.dataset, None
+    if name.startswith("folder:"):  # RGB; the images' own size when they share one
+        try:
+            pil = [(Image.open(f).convert("RGB"), label) for f, label in folder_files(name[7:])]
+        except OSError as e:
+            die(f"cannot read an image in {name[7:]}: {e}")
+        sizes = {min(im.size) for im, _ in pil}
+        own = sizes.pop() if len(sizes) == 1 else 64
+    elif name == "mnist-12k":  # as torchvision's MNIST gives them: PIL images, int labels
+        with np.load(SHIPPED) as z:
+            xy = zip(z["x_train" if train else "x_test"], z["y_train" if train else "y_test"])
+            pil, own = [(Image.fromarray(a, mode="L"), int(label)) for a, label in xy], 28
+    elif name in SETS:
+        own = SETS[name][2]
+    else:
+        die(f"unknown dataset {name!r} ({', '.join([*SETS, 'mnist-12k', 'folder:PATH'])})")
+    crop = [T.CenterCrop(178)] if name == "celeba" else []  # the usual aligned-face crop
+    size = size or cfg.image_size or own
     tf = T.Compose(crop + [T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
-    split = {"train": train}  # CelebA names its splits
-    if cls == "CelebA":
-        split = {"split": "train" if train else "test"}
-    if cfg.dataset == "mnist-12k":
-        if not SHIPPED.is_file():
-            die(f"mnist-12k: no {SHIPPED} (it comes with the repository: git checkout data)")
-        ds = [(tf(im), label) for im, label in shipped(train)]
-        return load(ds)
-    new_dirs = [d for d in [root / where, *(root / where).parents] if not d.exists()]
-    try:  # torchvision prints each mirror it fails to reach: the error below says it once
-        with contextlib.redirect_stdout(io.StringIO()):
-            ds = getattr(torchvision.datasets, cls)(
-                root, **split, transform=tf, download=cfg.download
-            )
-    except (RuntimeError, OSError) as e:  # missing files, or no network to fetch them
-        if new_dirs and new_dirs[-1].is_dir():  # leave no folder (or partial file) behind
-            shutil.rmtree(new_dirs[-1])
-        cause = [s.strip() for s in str(e).splitlines() if s.strip()] or [type(e).__name__]
-        if cfg.dataset == "mnist" and cfg.download:
-            if rank() == 0:
-                print(
-                    f"mnist: no files in {cfg.data_dir} and no network ({cause[-1][:60]}): "
-                    "using the 12,500 digits shipped in data/ (--dataset mnist-12k)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            cfg.dataset = "mnist-12k"
-            return load_images(cfg, train, size)
-        why = f"it cannot be downloaded ({cause[-1][:100]})" if cfg.download else "--no-download"
-        die(
-            f"{cfg.dataset} not found in {root} and {why}: put the files in {root / where} or "
-            "pass --data-dir DIR"
-        )
-    return load(ds)
-
-
-def load(ds) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode a dataset of (uint8 image, label) items into two tensors."""
+    if pil is not None:
+        ds = [(tf(im), label) for im, label in pil]
+    elif (ds := fetch(cfg, train, tf)) is None:
+        cfg.dataset = "mnist-12k"
+        return load_images(cfg, train, size)
     workers = min(4, os.cpu_count()) if len(ds) > 20000 else 0
     g = torch.Generator()  # its own seed draw: loading data never moves the global RNG
     xs, ys = zip(*torch.utils.data.DataLoader(ds, 500, num_workers=workers, generator=g))
@@ -284,8 +236,7 @@ def load(ds) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_digits(cfg, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 28x28 digits under a built-in mnist-* task: --digits (mnist, or the shipped
-    mnist-12k); a fallback to the shipped digits is kept in cfg.digits, hence the checkpoint."""
+    """28x28 digits for a built-in mnist-* task, from --digits (a fallback is kept in it)."""
     src = dataclasses.replace(cfg, dataset=cfg.digits)
     x, y = load_images(src, train, size=28)
     cfg.digits = src.dataset
@@ -345,25 +296,19 @@ class EMA:
 
 def save_grid(x: torch.Tensor, path, nrow: int = 8, value_range=(-1, 1)):
     """Save (N, C, H, W) images, in [-1, 1] unless `value_range` says otherwise, as a PNG grid."""
-    import torchvision
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     x = x.detach().float().cpu()
-    torchvision.utils.save_image(
-        x, path, nrow=nrow, padding=2, normalize=True, value_range=value_range
-    )
+    torchvision.utils.save_image(x, path, nrow=nrow, normalize=True, value_range=value_range)
 
 
 def save_samples(out, x: torch.Tensor, y=None, nrow=None, value_range=(-1, 1)):
-    """The --sample contract: <out>/samples.npz (arr_0 uint8 NHWC, arr_1 labels) + samples.png;
-    y may be a list of arrays (arr_1, arr_2, ...)."""
+    """--sample's files: <out>/samples.npz (arr_0 uint8 NHWC, arr_1, ... from y) + samples.png."""
     lo, hi = value_range
     u8 = ((x.float().clamp(lo, hi) - lo) * 255 / (hi - lo)).round().to(torch.uint8)
-    u8 = u8.permute(0, 2, 3, 1)  # (N, H, W, C)
     Path(out).mkdir(parents=True, exist_ok=True)
     ys = list(y) if isinstance(y, (list, tuple)) else [y]  # arr_1, arr_2, ...
     labels = [v.cpu().numpy() for v in ys if v is not None]
-    np.savez(Path(out) / "samples.npz", u8.cpu().numpy(), *labels)
+    np.savez(Path(out) / "samples.npz", u8.permute(0, 2, 3, 1).cpu().numpy(), *labels)  # NHWC
     nrow = nrow or int(math.sqrt(min(len(x), 256)))
     save_grid(x[:256], Path(out) / "samples.png", nrow, value_range)
 
@@ -427,8 +372,7 @@ def due(step: int, every: int, last: int, first: int = 0) -> bool:
 
 
 class Loop:
-    """Logs `step 1200/100000 | loss 0.0312 | 812 img/s | eta 1h02m` (stdout, <out>/log.jsonl),
-    writes checkpoints, and turns SIGINT/SIGTERM into a flag: the loop saves at the next step
+    """Log lines, checkpoints, and SIGINT/SIGTERM as a flag: the loop saves at the next step
     boundary and stops (a second signal exits at once)."""
 
     def __init__(self, cfg, data: Batches, start_step: int, name="ckpt.pt", images=None):
@@ -437,8 +381,8 @@ class Loop:
         self.sums, self.n = {}, 0  # losses since the last log line
         self.t0, self.step0, self.first = time.time(), start_step, True  # the img/s clock
         self.img0 = start_step * cfg.batch_size if images is None else images  # images shown
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.handle)
 
     def handle(self, signum, frame):
         if self.flag:
@@ -457,20 +401,18 @@ class Loop:
         vals = all_reduce(torch.stack(list(self.sums.values())) / self.n) / world()
         vals = dict(zip(self.sums, vals.tolist()))
         if not all(map(math.isfinite, vals.values())):
-            die(
-                f"loss is not finite near step {step} ({vals}); stopped, the last good "
-                f"checkpoint in {self.cfg.out} is kept: try a lower --lr",
-                code=1,
-            )
+            self.fail(f"loss is not finite near step {step} ({vals})")
         return vals
+
+    def fail(self, what: str):  # exit 1: not bad input, a diverged run
+        die(f"{what}; stopped, the last good checkpoint in {self.cfg.out} is kept: lower --lr?", 1)
 
     def log(self, step: int, images=None, **extra):
         """`images`: the count shown so far, for a run whose batch size changes (progan.py)."""
         vals, now, cfg = {**self.check(step), **extra}, time.time(), self.cfg
         images = step * cfg.batch_size if images is None else images
         ips = (images - self.img0) / max(now - self.t0, 1e-9)
-        per_step = (images - self.img0) / max(step - self.step0, 1)  # the batch, on average
-        eta = (cfg.steps - step) * per_step / max(ips, 1e-9)
+        eta = (cfg.steps - step) * (now - self.t0) / max(step - self.step0, 1)  # at this pace
         eta_s = f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
         if rank() == 0:
             msg = " | ".join(f"{k} {v:.4g}" for k, v in vals.items())
@@ -484,8 +426,7 @@ class Loop:
         self.t0, self.step0, self.first, self.img0 = now, step, False, images
 
     def aside(self, fn, *args, **kwargs):
-        """Run a side job (a picture) off the img/s clock and on forked random streams (so that a
-        resumed run draws what an uninterrupted one does); a failure is one line, never fatal."""
+        """A picture: off the img/s clock, on forked RNG (resumes stay exact), never fatal."""
         t0 = time.time()
         try:
             with torch.random.fork_rng():
@@ -495,8 +436,7 @@ class Loop:
         self.t0 += time.time() - t0
 
     def end_step(self, step: int, **state) -> bool:
-        """The tail of every loop: checkpoint when due (every --ckpt-every, at the end) or on a
-        signal; True when the loop must stop. Collective under DDP: every rank calls it."""
+        """Checkpoint when due or on a signal; True: stop. Collective under DDP (all ranks call)."""
         stop = self.flag and not dist.is_initialized()
         if dist.is_initialized() and step % 10 == 0:  # the ranks agree every 10 steps
             stop = bool(all_reduce(torch.tensor([float(self.flag)]), dist.ReduceOp.MAX))
@@ -507,31 +447,24 @@ class Loop:
         return stop
 
     def checkpoint(self, step: int, **state):
-        """Write <out>/<name>: `state` (modules and optimizers as state dicts), step, data
-        position, every rank's RNG, config. A non-finite loss or weight stops the run first
-        (exit 1), so a nan never replaces a good checkpoint. Collective under DDP."""
-        cfg = self.cfg
+        """<out>/<name>: `state` (modules, optimizers), step, data position, every rank's RNG,
+        config; a non-finite loss or weight stops the run before it replaces a good one."""
         self.check(step)
         state = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
         for k, sd in state.items():
             tensors = [t for t in sd.values() if torch.is_tensor(t)] if isinstance(sd, dict) else []
             if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
-                die(
-                    f"{k} has non-finite weights at step {step}; stopped, the last good checkpoint "
-                    f"in {cfg.out} is kept: try a lower --lr",
-                    code=1,
-                )
+                self.fail(f"{k} has non-finite weights at step {step}")
         npst, cuda = np.random.get_state(), torch.cuda.is_available()
-        rng = {
+        rngs = [{  # plain types: weights_only loads them, and the ranks gather them
             "python": random.getstate(),
             "numpy": [npst[0], npst[1].tolist(), *npst[2:]],
-            "torch": bytes(torch.get_rng_state().numpy()),  # plain bytes: gathers across ranks
+            "torch": bytes(torch.get_rng_state().numpy()),
             "cuda": [bytes(t.numpy()) for t in torch.cuda.get_rng_state_all()] if cuda else [],
-        }
-        rngs = [rng]
+        }]  # fmt: skip
         if dist.is_initialized():
-            rngs = [None] * world()
+            rngs, rng = [None] * world(), rngs[0]
             dist.all_gather_object(rngs, rng)
         if rank() == 0:
             ck = dict(state, step=step, data=self.data.state_dict(), rng=rngs)
-            save_ckpt(Path(cfg.out) / self.name, dict(ck, config=dataclasses.asdict(cfg)))
+            save_ckpt(Path(self.cfg.out) / self.name, dict(ck, config=dataclasses.asdict(self.cfg)))

@@ -60,6 +60,10 @@ class Config(common.Config):
     load_size: int = 0  # unaligned: resize to this, random crop --image-size; 0: size * 286 / 256
     direction: str = "AtoB"  # --sample: AtoB | BtoA
     input: str = ""  # --sample: translate this image file instead of the test split
+    at_least = dict(ngf=1, ndf=1, n_blocks=0, pool_size=0, lambda_cyc=0, lambda_id=0, lambda_kl=0)
+    choices = dict(dataset=("mnist-thickness", "unaligned"), upsample=("deconv", "resize"))
+    choices |= dict(direction=("AtoB", "BtoA"), arch=("cyclegan", "unit"))
+    choices |= dict(digits=("mnist", "mnist-12k"))
 
 
 # -----------------------------------------------------------------------------
@@ -331,7 +335,7 @@ def load_pile(folder: Path, size: int):
         common.die(f"cannot read an image in {folder}: {e}")
     if len(sizes) > 1 and not size:
         common.die(f"images of mixed sizes in {folder} ({len(sizes)} sizes): pass --image-size")
-    return common.load_folder(str(folder), size)[0]
+    return common.load_images(common.Config(dataset=f"folder:{folder}"), size=size)[0]
 
 
 def unaligned(cfg, train: bool, size: int = 0):
@@ -389,17 +393,9 @@ def jitter(x, size: int):
 # -----------------------------------------------------------------------------
 # training
 def check_flags(cfg: Config):
-    """A flag outside its set or range of values is a one-line error, before any work."""
-    choices = dict(dataset=("mnist-thickness", "unaligned"), upsample=("deconv", "resize"))
-    for name, ok in dict(choices, direction=("AtoB", "BtoA"), arch=("cyclegan", "unit")).items():
-        if getattr(cfg, name) not in ok:
-            common.die(f"--{name} {getattr(cfg, name)!r}: {' or '.join(ok)}")
+    """What the declared ranges in Config cannot say: a one-line error, before any work."""
     if cfg.patch and cfg.patch not in PATCH:
         common.die(f"--patch {cfg.patch}: a PatchGAN receptive field, one of {sorted(PATCH)}")
-    lows = dict(steps=0, batch_size=1, sample=0, ngf=1, ndf=1, n_blocks=0, pool_size=0)
-    for name, lo in dict(lows, lambda_cyc=0, lambda_id=0, lambda_kl=0, image_size=0).items():
-        if getattr(cfg, name) < lo:
-            common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
     if cfg.load_size and cfg.load_size < cfg.image_size:
         common.die(f"--load-size {cfg.load_size} is smaller than --image-size {cfg.image_size}")
     if cfg.arch == "unit" and "lr" not in getattr(cfg, "given", ()):

@@ -55,6 +55,8 @@ class Config(common.Config):
     warmup: int = 1000  # linear learning-rate warmup steps (at most steps / 20)
     grad_clip: float = 50.0  # clip the gradient norm: a guard against rare spikes
     nll: int = 0  # N > 0: no training; test bits/dim of <out>/ckpt.pt on N test images
+    at_least = dict(nll=0, levels=0, depth=0, width=0, init_batch=1, temperature=0, n_bits=1)
+    choices = dict(arch=("glow", "realnvp"))
 
 
 # -----------------------------------------------------------------------------
@@ -405,14 +407,8 @@ def model_args(cfg: Config, in_ch: int, size: int) -> dict:
 
 
 def check_flags(cfg: Config):
-    """A flag outside its set or range of values is a one-line error, before any work."""
-    if cfg.arch not in ("glow", "realnvp"):
-        common.die(f"--arch {cfg.arch!r}: choose one of glow, realnvp")
-    at_least = dict(steps=0, batch_size=1, sample=0, nll=0, levels=0, depth=0, width=0)
-    for name, lo in dict(at_least, init_batch=1, temperature=0).items():
-        if getattr(cfg, name) < lo:
-            common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
-    if not 1 <= cfg.n_bits <= 8:
+    """What the declared ranges in Config cannot say: a one-line error, before any work."""
+    if cfg.n_bits > 8:
         common.die(f"--n-bits {cfg.n_bits}: must be between 1 and 8")
     if not 0 < cfg.alpha < 0.5:
         common.die(f"--alpha {cfg.alpha}: must be in (0, 0.5)")

@@ -46,6 +46,8 @@ class Config(common.Config):
     ndf: int = 64  # D's width at its first stage, doubled with depth; --tiny: 16
     loss: str = "ns"  # ns (non-saturating, Sec. 3) | minimax (Eq. 1) | hinge
     ema: float = 0.0  # > 0: keep an EMA of G with this decay and sample from it (e.g. 0.999)
+    at_least = dict(z_dim=1, ngf=1, ndf=1, ema=0)
+    choices = dict(loss=("ns", "minimax", "hinge"))
 
 
 # -----------------------------------------------------------------------------
@@ -183,14 +185,8 @@ def model_args(cfg: Config, ch: int, size: int) -> dict:
 
 
 def check_flags(cfg: Config):
-    """A flag outside its set or range of values is a one-line error, before any work."""
-    if cfg.loss not in ("ns", "minimax", "hinge"):
-        common.die(f"--loss {cfg.loss!r}: choose one of ns, minimax, hinge")
-    at_least = dict(steps=0, batch_size=1, sample=0, z_dim=1, ngf=1, ndf=1)
-    for name, lo in at_least.items():
-        if getattr(cfg, name) < lo:
-            common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
-    if not 0 <= cfg.ema < 1:
+    """What the declared ranges in Config cannot say: a one-line error, before any work."""
+    if cfg.ema >= 1:
         common.die(f"--ema {cfg.ema}: a decay in [0, 1), 0 for none")
 
 

@@ -54,6 +54,8 @@ class Config(common.Config):
     mbstd_group: int = 4  # minibatch stddev group size (Sec. 3)
     mixing: float = 0.9  # style: style mixing probability (StyleGAN Sec. 3.1)
     psi: float = 1.0  # style, --sample: truncation toward the mean w (1: none)
+    at_least = dict(z_dim=1, fmap_max=1, mbstd_group=1, mixing=0, ema=0)
+    choices = dict(arch=("pro", "style"))
 
 
 # -----------------------------------------------------------------------------
@@ -396,20 +398,14 @@ def parse_batches(spec: str) -> dict:
 
 
 def check_flags(cfg: Config):
-    """Flags outside their range are one-line errors, before any work."""
+    """What the declared ranges in Config cannot say: a one-line error, before any work."""
     s = cfg.image_size
     if s < 8 or s & (s - 1):
         common.die(f"--image-size {s}: a power of two, at least 8")
-    if cfg.arch not in ("pro", "style"):
-        common.die(f"--arch {cfg.arch!r}: choose pro or style")
     if cfg.psi != 1 and cfg.arch != "style" and not cfg.sample:
         common.die("--psi is StyleGAN's truncation: it needs --arch style")
-    lows = dict(steps=0, batch_size=1, sample=0, z_dim=1, fmap_max=1, mbstd_group=1)
-    for name, lo in lows.items():
-        if getattr(cfg, name) < lo:
-            common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
-    if cfg.phase_kimg <= 0 or not 0 <= cfg.mixing <= 1 or not 0 <= cfg.ema < 1:
-        common.die("--phase-kimg > 0, --mixing in [0, 1] and --ema in [0, 1], please")
+    if cfg.phase_kimg <= 0 or cfg.mixing > 1 or cfg.ema >= 1:
+        common.die("--phase-kimg > 0, --mixing in [0, 1] and --ema in [0, 1), please")
     for b in {cfg.batch_size, *parse_batches(cfg.batch_sizes).values()}:
         per_rank = b // common.world()
         if b % common.world() or per_rank % min(cfg.mbstd_group, per_rank):

@@ -54,6 +54,9 @@ class Config(common.Config):
     g_blocks: int = 6  # residual blocks in G
     set: str = ""  # --sample --input: target attributes, e.g. Blond_Hair=1,Male=0
     input: str = ""  # --sample: translate this image file instead of the test split
+    at_least = dict(batch_size=2, n_critic=1, g_dim=1, d_dim=1, g_blocks=0, lambda_cls=0)
+    at_least |= dict(lambda_rec=0, lambda_gp=0, lambda_id=0)
+    choices = dict(digits=("mnist", "mnist-12k"))
 
 
 # -----------------------------------------------------------------------------
@@ -335,16 +338,6 @@ def parse_set(spec: str, names: list, groups: list):
 
 # -----------------------------------------------------------------------------
 # training
-def check_flags(cfg: Config):
-    """A flag outside its range of values is a one-line error, before any work."""
-    lows = dict(steps=0, batch_size=2, sample=0, n_critic=1, g_dim=1, d_dim=1, g_blocks=0)
-    for name, lo in dict(
-        lows, lambda_cls=0, lambda_rec=0, lambda_gp=0, lambda_id=0, image_size=0
-    ).items():
-        if getattr(cfg, name) < lo:
-            common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
-
-
 def model_args(cfg: Config, ch: int, size: int, c_dim: int) -> dict:
     """G and D constructor arguments (saved as model_args): D halves the image down to 2x2 (6
     layers at the paper's 128 px), or to the smallest size the image divides into."""
@@ -360,7 +353,6 @@ def model_args(cfg: Config, ch: int, size: int, c_dim: int) -> dict:
 
 def train(cfg: Config):
     """n_critic D steps per G step on (image, attributes) batches; returns (G, D)."""
-    check_flags(cfg)
     device, autocast = common.setup(cfg)
     x, c, _, names = load_data(cfg, train=True)
     groups = groups_of(names)
@@ -514,7 +506,6 @@ def style_scores(cfg, out, c_trg, names, n) -> dict:
 
 if __name__ == "__main__":
     cfg = common.parse(Config, "stargan")
-    check_flags(cfg)
     if not cfg.sample:
         train(cfg)
     elif os.environ.get("RANK", "0") == "0":  # sampling runs in one process

@@ -51,6 +51,8 @@ class Config(common.Config):
     ppca: bool = False  # probabilistic PCA in closed form (no steps); --z-dim is its k
     nll: int = 0  # K > 0: no training; test ELBO and IWAE log p(x), K samples (PPCA: exact)
     nll_n: int = 0  # test images for --nll (0: the whole split)
+    at_least = dict(nll=0, nll_n=0, beta=0)
+    choices = dict(likelihood=("auto", "bernoulli", "gaussian"))
 
 
 # -----------------------------------------------------------------------------
@@ -254,12 +256,7 @@ def model_args(cfg: Config, in_ch: int, size: int) -> dict:
 
 
 def check_flags(cfg: Config):
-    """A flag outside its set or range of values is a one-line error, before any work."""
-    if cfg.likelihood not in ("auto", "bernoulli", "gaussian"):
-        common.die(f"--likelihood {cfg.likelihood!r}: choose one of auto, bernoulli, gaussian")
-    for name, lo in dict(steps=0, batch_size=1, sample=0, nll=0, nll_n=0, beta=0).items():
-        if getattr(cfg, name) < lo:
-            common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
+    """What the declared ranges in Config cannot say: a one-line error, before any work."""
     if cfg.ae and cfg.nll:
         common.die("--nll needs a VAE: a plain autoencoder (--ae) has no q(z|x) to sample from")
     if cfg.ppca and (cfg.ae or cfg.likelihood == "bernoulli"):

@@ -57,6 +57,8 @@ class Config(common.Config):
     prior_dropout: float = 0.1  # in attention and MLP
     temperature: float = 1.0  # sampling temperature of the prior
     eval: bool = False  # no training: test MSE, PSNR, codebook usage (and the prior's test NLL)
+    at_least = dict(num_codes=2, code_dim=1, temperature=1e-6)
+    choices = dict(stage=("vqvae", "prior"))
 
 
 # -----------------------------------------------------------------------------
@@ -294,16 +296,6 @@ def prior_args(cfg: Config, K: int, L: int) -> dict:
     return dict(K=K, L=L, dim=dim, layers=layers, heads=heads, dropout=cfg.prior_dropout)
 
 
-def check_flags(cfg: Config):
-    """A flag outside its set or range of values is a one-line error, before any work."""
-    if cfg.stage not in ("vqvae", "prior"):
-        common.die(f"--stage {cfg.stage!r}: choose vqvae or prior")
-    at_least = dict(steps=0, batch_size=1, sample=0, num_codes=2, code_dim=1, temperature=1e-6)
-    for name, lo in at_least.items():
-        if getattr(cfg, name) < lo:
-            common.die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least {lo}")
-
-
 def load_stage1(cfg: Config, device):
     """Stage 1 of <out>/ckpt.pt (a stage-1 or a prior checkpoint), rebuilt from its model_args:
     (model, checkpoint)."""
@@ -531,7 +523,6 @@ def evaluate(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     cfg = common.parse(Config, "vqvae")
-    check_flags(cfg)
     if cfg.sample or cfg.eval:
         if os.environ.get("RANK", "0") == "0":  # sampling and evaluation run in one process
             if cfg.sample:

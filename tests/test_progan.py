@@ -228,7 +228,6 @@ def test_bad_input(fake_mnist, tmp_path, capsys):
     for spec in ("4-64", "3:8", "4:x", "4:0"):
         assert_dies(capsys, check(batch_sizes=spec), "--batch-sizes")
     assert_dies(capsys, check(batch_sizes="4:6"), "--mbstd-group")
-    assert_dies(capsys, check(arch="big"), "--arch")
     assert_dies(capsys, check(psi=0.5), "--arch style")
     assert_dies(capsys, lambda: P.load_trained(cfg(sample=4)), "no checkpoint")
     out.mkdir()

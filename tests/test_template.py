@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, run
+from conftest import ROOT, assert_dies, assert_one_line_error, run
 
 import common
 
@@ -37,12 +37,11 @@ def test_help_exits_0_and_every_flag_has_help(script):
                 assert lines[i + 1].startswith(" " * 20), f"{script}.py: {line.strip()} has no help"
 
 
-def test_field_help_survives_a_wrapped_line(tmp_path, monkeypatch):
-    src = "class C:\n    depth: int = (\n        0  # K steps per level\n    )\n    seed: int = 0\n"
-    (tmp_path / "wrapped_cfg.py").write_text(src)
+def test_field_help_is_the_comment_on_the_fields_line(tmp_path, monkeypatch):
+    src = "class C:\n    depth: int = 0  # K steps per level\n    seed: int = 0\n    s: str = '#'\n"
+    (tmp_path / "cfg_src.py").write_text(src)
     monkeypatch.syspath_prepend(str(tmp_path))
-    helps = common.field_help(importlib.import_module("wrapped_cfg").C)
-    assert helps == {"depth": "K steps per level", "seed": ""}
+    assert common.field_help(importlib.import_module("cfg_src").C) == {"depth": "K steps per level"}
 
 
 def flat_folder(root, n=5, size=32):
@@ -200,3 +199,23 @@ def test_a_full_size_model_on_cpu_says_so_in_its_first_lines(fake_mnist, tmp_pat
     assert "--tiny trains in minutes" in wait_for(p, "full-size model on CPU:")
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=60) == 0 and (tmp_path / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("script", MODELS + UNPAIRED + ["progan"])
+def test_declared_ranges_die_in_one_line(script, capsys):
+    """Every declared minimum and choice set of a script's Config, checked once in parse: one
+    step below the minimum, or a value outside the set, is exit 2 with the flag's name."""
+    cls = importlib.import_module(script).Config
+    lows = {k: v for c in cls.__mro__[::-1] for k, v in vars(c).get("at_least", {}).items()}
+    sets = {k: v for c in cls.__mro__[::-1] for k, v in vars(c).get("choices", {}).items()}
+    assert {"steps", "batch_size", "sample"} <= lows.keys() and "device" in sets
+    for k, lo in lows.items():
+        bad = lo - (1 if isinstance(lo, int) else 1e-3 * max(1, abs(lo)))
+        flag = f"--{k.replace('_', '-')}"
+        argv = [flag, str(bad)]
+        assert_dies(capsys, lambda: common.parse(cls, script, argv), flag, "at least")  # noqa: B023
+    for k, ok in sets.items():
+        flag = f"--{k.replace('_', '-')}"
+        argv = [flag, "nonsense"]
+        assert_dies(capsys, lambda: common.parse(cls, script, argv), flag, ok[0])  # noqa: B023
+    assert common.parse(cls, script, []).out == f"runs/{script}"  # the defaults pass
