@@ -402,9 +402,8 @@ def bench_cfg_ldm(args, device, autocast):
         loss = lambda m, x0, enc=enc: L.ldm_loss(m, sched, enc.to_latent(x) if enc else x0, y, 0.1)
         rate = train_rate(net, loss, x0, args, device, autocast)
         x_T = torch.randn(args.sample_batch, ch, res, res, device=device)
-        dec = None if ch == C else ae
-        gen = (net.eval(), dec, sched, x_T, y[: len(x_T)], 3.0, autocast, 50)
-        t = timed(lambda gen=gen: L.generate(*gen), device, 1)
+        smp = L.Sampler(net.eval(), None if ch == C else ae, sched, autocast, 50)
+        t = timed(lambda smp=smp: smp(x_T, y[: len(x_T)], 3.0), device, 1)
         row = {"model": f"cfg_ldm.LDM on {name}", "params_M": params(net), "train_img_s": rate}
         rows.append(dict(row, cfg_ddim50_img_s=round(len(x_T) / t, 1)))
     ratio = rows[1]["train_img_s"] / rows[0]["train_img_s"]

@@ -5,49 +5,35 @@ cross-attention (Rombach et al. 2022, arXiv:2112.10752).
 
 A KL-regularised autoencoder maps images to a small latent (28x28 digits -> 4x7x7); a U-Net
 learns eps_theta(z_t, t, context) on the scaled latents with L_simple, cross-attending to the
-context tokens of a class label or a caption (SpatialTransformer: self-attention, cross-attention,
-feed-forward). Guidance steers sampling toward the condition:
+context tokens of a class label, a caption or a layout of boxes (SpatialTransformer:
+self-attention, cross-attention, feed-forward); super-resolution and inpainting join their image
+condition to z_t as input channels. Guidance steers sampling toward the condition:
   CFG         eps = eps_u + s (eps_c - eps_u)                  (Ho & Salimans Eq. 6, s = w + 1)
   classifier  eps = eps_u - s sqrt(1 - alpha_bar_t) grad log p(y | z_t)   (Dhariwal & Nichol Eq. 14)
 Scale convention: s = 1 is the conditional model, s = 0 the unconditional one; the CFG paper's w is
-s - 1. CFG needs one network trained with a null context (--p-uncond); classifier guidance needs a
+s - 1. CFG needs one network trained with the null condition (--p-uncond); classifier guidance a
 second, noise-aware network and its gradient at every step. DDIM samples, the decoder decodes.
 Images live in [-1, 1]. Left out on purpose: the AE's perceptual and GAN losses (L1 + L2 only),
 LDM's GEGLU feed-forward (a GELU MLP here), pretrained text encoders (ours trains from scratch).
 
   python cfg_ldm.py --stage ae                       # 1. the autoencoder (and its scale factor)
   python cfg_ldm.py --stage ldm --cond class         # 2. the latent U-Net, class tokens, CFG
-  python cfg_ldm.py --stage classifier               # 3. (optional) a noisy classifier
   python cfg_ldm.py --sample 100 --guidance 3        # 10 classes, DDIM-50, CFG s = 3
-  python cfg_ldm.py --sample 2500 --sweep 0,1,2,3,5,7 # one samples.npz per scale + guidance.png
-  python cfg_ldm.py --sample 100 --guide classifier --guidance 5
-  python cfg_ldm.py --stage ldm --cond text --out runs/t2i --dataset mnist-12k        # captions
-  python cfg_ldm.py --sample 20 --out runs/t2i --prompt "a thick 4|a thin seven"
-  python cfg_ldm.py --stage ldm --pixel --out runs/pixel   # the same U-Net on pixels, no AE
-The paper's other tasks, with the same U-Net, loop and samplers (Rombach et al. Secs. 4.3-4.5):
-  --cond layout   context = one token per box (class, x0, y0, x1, y1 on a grid), cross-attention;
-                  --dataset mnist-layout: 1-3 digits in boxes on a 64x64 canvas (--stage ae too)
-  --cond sr       the low-res image (area-downsampled by --sr-factor) joins z_t as channels
-  --cond inpaint  the masked image's latent and the mask join z_t as channels; the known pixels
-                  are pasted back after decoding. Both concat tasks drop their condition with
-                  --p-uncond like a context, so one network is also the unconditional model.
-  python cfg_ldm.py --sample 8 --out runs/sr --input low.png     # upsample a user's image
-  python cfg_ldm.py --sample 8 --out runs/inpaint --input x.png --mask m.png   # white = fill
-  python cfg_ldm.py --sample 1000 --out runs/layout --layout boxes.json     # or test layouts
-Add --tiny for CPU-sized networks (README: measured recipes and results).
-
-Load the trained networks with their classes alone:
+Every task (text, layout, sr, inpaint, classifier guidance), with its measured recipe and results:
+docs/cfg_ldm.md. Add --tiny for CPU-sized networks. Load the trained networks with their classes:
   ck = torch.load("runs/cfg_ldm/ckpt.pt")
   ldm, ae = LDM(**ck["model_args"]["ldm"]), AutoencoderKL(**ck["model_args"]["ae"])
   ldm.load_state_dict(ck["ema"]); ae.load_state_dict(ck["ae"])
 """
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -61,7 +47,7 @@ import common
 @dataclasses.dataclass
 class Config(common.Config):
     stage: str = "ae"  # ae | ldm | classifier: into --out as ae.pt, ckpt.pt, classifier.pt
-    cond: str = "class"  # ldm: none | class | text | layout | sr | inpaint (see the docstring)
+    cond: str = "class"  # ldm: none | class | text | layout | sr | inpaint (docs/cfg_ldm.md)
     pixel: bool = False  # ldm/classifier on pixels instead of latents (no AE)
     digits: str = "mnist"  # the digits of the built-in mnist-layout: mnist | mnist-12k
     steps: int = 20000  # optimizer steps of this stage
@@ -78,7 +64,7 @@ class Config(common.Config):
     ctx_dim: int = 256  # context token width; --tiny: 64
     text_layers: int = 2  # caption encoder's transformer layers
     max_len: int = 48  # caption bytes kept (longer captions are cut)
-    p_uncond: float = 0.1  # CFG: probability of training with the null context
+    p_uncond: float = 0.1  # CFG: probability of training with the null condition
     grid: int = 32  # layout: box corners quantised to grid x grid cells of the canvas
     sr_factor: int = 4  # sr: the low-res input is the image downsampled by this factor
     dropout: float = 0.0  # in every ResBlock
@@ -93,14 +79,16 @@ class Config(common.Config):
     eta: float = 0.0  # DDIM noise: 0 deterministic, 1 = DDPM posterior variance
     guide: str = "cfg"  # cfg | classifier (needs classifier.pt; on the unconditional model)
     guidance: float = 3.0  # scale s: 1 = conditional, 0 = unconditional (CFG's w = s - 1)
+    restore_guidance: float = 1.0  # sr, inpaint: s on the image condition (1: none, as LDM)
+    uncond_paste: bool = False  # inpaint --sample: the unconditional model + paste-back instead
     sweep: str = ""  # e.g. 0,1,3: N samples per scale (same noise) in <out>/sweep/<guide>_s<S>/
     labels: str = ""  # --sample, class models: labels to cycle (default 0-9)
     prompt: str = ""  # --sample, text: prompts split on |, or a file of lines (default: held out)
     layout: str = ""  # --sample, layout: a JSON list of layouts [[label, x0, y0, x1, y1], ...]
     input: str = ""  # --sample, sr: a low-res image to upsample; inpaint: an image to complete
     mask: str = ""  # --sample, inpaint with --input: a mask image of its size, white = fill
-    at_least = dict(T=2, guidance=0, z_ch=1, heads=1, max_len=1, grid=2, sr_factor=1)
-    at_least |= dict(sample_steps=1, p_uncond=0)
+    at_least = dict(T=2, guidance=0, restore_guidance=0, z_ch=1, heads=1, max_len=1, grid=2)
+    at_least |= dict(sr_factor=1, sample_steps=1, p_uncond=0)
     choices = dict(stage=("ae", "ldm", "classifier"), guide=("cfg", "classifier"))
     choices |= dict(cond=("none", "class", "text", "layout", "sr", "inpaint"))
     choices |= dict(schedule=("scaled_linear", "linear"), digits=("mnist", "mnist-12k"))
@@ -202,11 +190,8 @@ class SpatialTransformer(nn.Module):
 
 
 class Downsample(nn.Conv2d):
-    def __init__(self, c: int):
+    def __init__(self, c: int):  # H -> H/2 (7 -> 4 on a 7x7 latent)
         super().__init__(c, c, 3, stride=2, padding=1)
-
-    def forward(self, x, *cond):
-        return super().forward(x)
 
 
 class Upsample(nn.Conv2d):
@@ -265,7 +250,8 @@ class UNet(nn.Module):
         temb = self.temb(timestep_embedding(t, self.ch))  # (B, 4ch)
         hs = [self.conv_in(x)]
         for blk in self.down:
-            hs.append(blk(hs[-1], temb, ctx, mask))
+            down = isinstance(blk, Downsample)
+            hs.append(blk(hs[-1]) if down else blk(hs[-1], temb, ctx, mask))
         h = hs[-1]
         for blk in self.mid:
             h = blk(h, temb, ctx, mask)
@@ -288,20 +274,19 @@ def tokenize(texts, max_len: int = 48) -> torch.Tensor:
 
 
 class Conditioner(nn.Module):
-    """The context tokens the U-Net cross-attends to, and CFG's learned null context.
-    kind none: the null token only; class: the label as one learned token; text: a byte-level
-    transformer over the caption, trained with the U-Net from scratch; layout: one token per box,
-    the sum of its class's and its four quantised corners' embeddings, through the same
-    transformer without positions (a set: the order of the boxes means nothing)."""
+    """The context tokens the U-Net cross-attends to. kind class: the label as one learned token;
+    text: a byte-level transformer over the caption, trained with the U-Net from scratch; layout:
+    one token per box, the sum of its class's and its four quantised corners' embeddings, through
+    the same transformer without positions (a set: the order of the boxes means nothing).
+    CFG's null condition is one more id in the table, `self.null`: a dropped condition (always,
+    for kinds none, sr and inpaint) is replaced by the null input before it is embedded."""
 
     def __init__(self, kind="class", dim=256, n_classes=10, layers=2, heads=4, max_len=48, grid=32):
         super().__init__()
-        self.kind, self.max_len, self.grid = kind, max_len, grid
-        self.null = nn.Parameter(torch.randn(1, 1, dim) * 0.02)  # the null context, one token
-        if kind in ("class", "layout"):
-            self.emb = nn.Embedding(n_classes, dim)
+        self.kind, self.grid = kind, grid
+        self.null = {"class": n_classes, "layout": n_classes, "text": 258}.get(kind, 0)  # an id
+        self.emb = nn.Embedding(self.null + 1, dim)  # labels (text: padding, start, 256 bytes)
         if kind == "text":
-            self.emb = nn.Embedding(258, dim)  # padding, start, 256 byte values
             self.pos = nn.Parameter(torch.randn(1, max_len, dim) * 0.02)
         if kind == "layout":
             self.corner = nn.Embedding(4 * grid, dim)  # a table each for x0, y0, x1, y1
@@ -311,35 +296,30 @@ class Conditioner(nn.Module):
 
     def forward(self, c, drop=None):
         """c: (B,) labels, (B, L) token ids or (B, K, 5) box tokens (label, x0, y0, x1, y1 in grid
-        cells; -1 rows are padding); drop: (B,) bool, True takes the null context.
+        cells; -1 rows are padding); drop: (B,) bool, True takes the null condition.
         Returns ctx (B, L, dim) and mask (B, L), True where a token may be attended to."""
         B = len(c)
+        drop = torch.zeros(B, dtype=torch.bool, device=c.device) if drop is None else drop
         if self.kind in ("none", "sr", "inpaint"):  # the null token is the only context
-            return self.null.expand(B, 1, -1), torch.ones(B, 1, dtype=torch.bool, device=c.device)
-        if self.kind == "class":
-            ctx, mask = self.emb(c)[:, None], torch.ones(B, 1, dtype=torch.bool, device=c.device)
+            drop = torch.ones_like(drop)
+        if self.kind == "layout":  # a layout without boxes is the null condition too
+            drop = drop | (c[..., 0] < 0).all(1)
+        null = torch.full_like(c, 0 if self.kind == "text" else -1)  # padding after the null id
+        null.view(B, -1)[:, 0] = self.null
+        c = torch.where(drop.view(B, *[1] * (c.dim() - 1)), null, c)
+        if self.kind not in ("text", "layout"):  # one token: the label, or the null id
+            return self.emb(c)[:, None], torch.ones(B, 1, dtype=torch.bool, device=c.device)
+        if self.kind == "text":
+            mask = c > 0  # the start (or null) token is never padding: no row is empty
+            ctx = self.emb(c) + self.pos[:, : c.shape[1]]  # (B, L, dim)
         else:
-            if self.kind == "text":
-                mask = c > 0  # the start token is never padding, so no row is empty
-                ctx = self.emb(c) + self.pos[:, : c.shape[1]]  # (B, L, dim)
-            else:
-                mask = c[..., 0] >= 0  # (B, K)
-                offset = torch.arange(4, device=c.device) * self.grid  # into the corner tables
-                corners = self.corner(c[..., 1:].clamp(min=0) + offset).sum(2)  # (B, K, dim)
-                ctx = self.emb(c[..., 0].clamp(min=0)) + corners
-                empty = ~mask.any(1)  # a layout without boxes gets the null context
-                drop = empty if drop is None else drop | empty
-                mask = mask | (empty[:, None] & (torch.arange(c.shape[1], device=c.device) == 0))
-            for blk in self.blocks:  # bidirectional self-attention over the real tokens
-                ctx = blk(ctx, self_mask=mask)
-            ctx = self.norm(ctx)
-        if drop is None:
-            return ctx, mask
-        null = F.pad(self.null, (0, 0, 0, ctx.shape[1] - 1)).expand(B, -1, -1)  # (B, L, dim)
-        first = torch.zeros_like(mask)
-        first[:, 0] = True  # the null context is one token; the rest is padding
-        ctx = torch.where(drop[:, None, None], null.to(ctx.dtype), ctx)  # null always in the graph
-        return ctx, torch.where(drop[:, None], first, mask)
+            mask = c[..., 0] >= 0  # (B, K)
+            offset = torch.arange(4, device=c.device) * self.grid  # into the corner tables
+            corners = self.corner(c[..., 1:].clamp(min=0) + offset).sum(2)  # (B, K, dim)
+            ctx = self.emb(c[..., 0].clamp(min=0)) + corners
+        for blk in self.blocks:  # bidirectional self-attention over the real tokens
+            ctx = blk(ctx, self_mask=mask)
+        return self.norm(ctx), mask
 
 
 class LDM(nn.Module):
@@ -419,7 +399,7 @@ class NoisyClassifier(nn.Module):
     def forward(self, x, t):
         temb, h = self.temb(timestep_embedding(t, self.ch)), self.conv_in(x)
         for blk in self.blocks:
-            h = blk(h, temb)
+            h = blk(h) if isinstance(blk, Downsample) else blk(h, temb)
         return self.fc(self.head(h))  # (B, n_classes) logits
 
 
@@ -473,17 +453,17 @@ def ldm_loss(model, s: dict, z0, c, p_uncond: float, concat=None):
     return F.mse_loss(model(q_sample(s, z0, t, eps), t, c, drop, concat).float(), eps)
 
 
-def cfg_eps(unet, x, t, ctx, mask, null_ctx, null_mask, s: float, concat=None):
-    """Classifier-free guidance: eps_u + s (eps_c - eps_u). s = 1 is the conditional model alone,
-    s = 0 the unconditional alone; otherwise both in one doubled batch. concat: the image
-    condition joined to x (zeros for eps_u)."""
+def cfg_eps(unet, x, t, cond, null, s: float, concat=None):
+    """Classifier-free guidance: eps_u + s (eps_c - eps_u), cond and null each (ctx, mask). s = 1
+    is the conditional model alone, s = 0 the unconditional alone; otherwise both in one doubled
+    batch. concat: the image condition joined to x (zeros for eps_u)."""
     xc = x if concat is None else torch.cat([x, concat.to(x.dtype)], 1)
     xu = x if concat is None else torch.cat([x, torch.zeros_like(concat, dtype=x.dtype)], 1)
     if s == 1:
-        return unet(xc, t, ctx, mask)
+        return unet(xc, t, *cond)
     if s == 0:
-        return unet(xu, t, null_ctx, null_mask)
-    pairs = ((xc, xu), (t, t), (ctx, null_ctx), (mask, null_mask))
+        return unet(xu, t, *null)
+    pairs = ((xc, xu), (t, t), (cond[0], null[0]), (cond[1], null[1]))
     eps_c, eps_u = unet(*[torch.cat(p) for p in pairs]).chunk(2)  # one doubled batch
     return eps_u + s * (eps_c - eps_u)
 
@@ -498,22 +478,20 @@ def classifier_eps(sched: dict, eps, x, t, log_p, s: float):
 
 
 def ddim_step(s: dict, eps, xt, t: int, t_prev: int, eta: float, clip: bool, noise=None):
-    """One DDIM update (Song et al. Eq. 12) from t to t_prev (-1: to x_0), scalars in float64 from
-    log alpha_bar in forms where nothing cancels (as ddim_step in ddpm_ddim.py). Latents are not
-    clipped (they are not bounded); pixels are clipped to [-1, 1]."""
-    la = s["log_alpha_bar"][t].item()  # log alpha_bar_t
+    """One DDIM update (Song et al. Eq. 12) from t to t_prev (-1: to x_0), its scalars in float64.
+    Latents are not clipped (they are not bounded); pixels are clipped to [-1, 1]."""
+    la = s["log_alpha_bar"][t].item()  # log alpha_t (alpha_t: Song et al.'s alpha_bar_t)
     la_prev = s["log_alpha_bar"][t_prev].item() if t_prev >= 0 else 0.0
-    one_m, one_m_prev = -math.expm1(la), -math.expm1(la_prev)  # 1 - alpha_bar
-    ratio = -math.expm1(la - la_prev)  # 1 - alpha_bar_t / alpha_bar_prev
-    x0 = (xt - math.sqrt(one_m) * eps) / math.exp(la / 2)  # the "predicted x_0" of Eq. 12
-    if clip:  # clip x0_hat and re-derive eps from it, so eta=1 stays exactly DDPM's step
+    a, a_prev = math.exp(la), math.exp(la_prev)
+    b, b_prev = -math.expm1(la), -math.expm1(la_prev)  # 1 - alpha, with no cancellation
+    x0 = (xt - math.sqrt(b) * eps) / math.sqrt(a)  # the "predicted x_0"
+    if clip:  # clip it and re-derive eps from it, so eta = 1 stays exactly DDPM's step
         x0 = x0.clamp(-1, 1)
-        eps = (xt - math.exp(la / 2) * x0) / math.sqrt(one_m)
-    sigma = eta * math.sqrt(one_m_prev / one_m * ratio)  # Eq. 16
-    # the direction's weight sqrt(1 - alpha_bar_prev - sigma^2), rearranged: no term cancels
-    dir2 = one_m_prev / one_m * (math.exp(la - la_prev) * one_m_prev + (1 - eta**2) * ratio)
-    x = math.exp(la_prev / 2) * x0 + math.sqrt(max(dir2, 0.0)) * eps  # Eq. 12: x0, direction
-    return x + sigma * noise if eta > 0 else x
+        eps = (xt - math.sqrt(a) * x0) / math.sqrt(b)
+    sigma = eta * math.sqrt(b_prev / b * -math.expm1(la - la_prev))  # Eq. 16
+    direction = math.sqrt(max(b_prev - sigma**2, 0.0)) * eps  # "direction pointing to x_t"
+    x = math.sqrt(a_prev) * x0 + direction  # Eq. 12, its first two terms
+    return x + sigma * noise if eta > 0 else x  # and the third, random noise
 
 
 @torch.no_grad()
@@ -732,7 +710,7 @@ def load_split(cfg: Config, train: bool):
 
 
 # -----------------------------------------------------------------------------
-# training: one function per stage, each with its own checkpoint
+# training: one loop for the three stages; each stage gives its network, loss and checkpoint
 def levels(cfg: Config) -> tuple:
     try:
         return tuple(int(v) for v in cfg.ch_mult.split(","))
@@ -776,6 +754,75 @@ def check_flags(cfg: Config):
         common.die(f"--dataset mnist-layout is for --cond layout, not --cond {cfg.cond}")
 
 
+@dataclasses.dataclass
+class Stage:
+    """What a stage gives the loop: its network, the loss of a batch, what it checkpoints."""
+
+    file: str  # its checkpoint in --out: ae.pt, ckpt.pt or classifier.pt
+    model: nn.Module
+    args: dict  # model_args: the constructor arguments of its networks
+    loss: Callable  # (wrapped model, batch of (images, indices)) -> {"loss": minimised, ...}
+    state: Callable = lambda saving: {}  # what else its checkpoint holds (saving: one is due)
+    picture: Callable | None = None  # (step, the model to draw from: its EMA if any) -> a grid
+    ema: float = 0.0  # EMA decay of the model; 0: none
+    warmup: int = 0  # linear learning-rate warmup steps; 0: none
+    note: str = ""  # for the first line it prints
+
+
+def run_stage(cfg: Config, st: Stage, data, device, autocast) -> int:
+    """AdamW on st.loss with clipping (and EMA, warmup), logs, pictures, checkpoints, exact
+    --resume; returns the last step done."""
+    model = st.model
+    opt = torch.optim.AdamW(
+        model.parameters(), cfg.lr, weight_decay=0.0, fused=device.type == "cuda"
+    )
+    ema = common.EMA(model, st.ema) if st.ema else None
+    modules = dict(model=model, opt=opt) | (dict(ema=ema.module) if ema else {})
+    start = 0
+    if cfg.resume:  # after the networks are built, so that their init draws nothing
+        ck = common.resume(cfg, data, need=tuple(modules), name=st.file)
+        for k, m in modules.items():
+            common.load_state(m, ck[k], k)
+        start = ck["step"]
+    net, loop, done = common.wrap(model, cfg, device), common.Loop(cfg, data, start, st.file), start
+    if common.rank() == 0:
+        n = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"cfg_ldm: stage {cfg.stage}, {n:.2f}M params, {st.note}", flush=True)
+    for step in range(start, cfg.steps):
+        done = step + 1
+        lr = cfg.lr * min(1.0, done / st.warmup) if st.warmup else cfg.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+        # forward and backward
+        with autocast:
+            losses = st.loss(net, next(data))
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+
+        # update
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.update(model, step)
+
+        # log
+        loop.add(**losses)
+        if common.due(done, cfg.log_every, cfg.steps, first=start + 1):
+            loop.log(done, **(dict(lr=lr) if st.warmup else {}))
+
+        # checkpoint
+        extra = st.state(loop.flag or common.due(done, cfg.ckpt_every, cfg.steps))
+        if loop.end_step(done, **modules, model_args=st.args, **extra):
+            break
+
+        # sample a fixed-noise grid
+        if st.picture and cfg.sample_every and common.rank() == 0:
+            if common.due(done, cfg.sample_every, cfg.steps, first=200):
+                loop.aside(st.picture, done, model if ema is None else ema.module)
+    return done
+
+
 def begin(cfg: Config):
     """What every stage starts with: device, the training split, resumable batches of indices
     (the stage looks up images, latents, labels and captions by index)."""
@@ -783,17 +830,6 @@ def begin(cfg: Config):
     x, y = load_split(cfg, train=True)
     data = common.Batches(x, torch.arange(len(x)), cfg.batch_size, cfg.seed, device)
     return device, autocast, x, y.to(device), data
-
-
-def restore(cfg: Config, data, name: str, modules: dict) -> int:
-    """--resume: the stage's checkpoint into `modules` ({key: module or optimizer}), the data
-    position and RNG (after the networks are built, so init draws nothing); the step to go on."""
-    if not cfg.resume:
-        return 0
-    ck = common.resume(cfg, data, need=tuple(modules), name=name)
-    for k, m in modules.items():
-        common.load_state(m, ck[k], k)
-    return ck["step"]
 
 
 def load_ae(cfg: Config, device, ck=None):
@@ -818,8 +854,11 @@ def first_stage(cfg: Config, device, x_u8, ck=None):
     if list(x_u8.shape[1:]) != args["image_shape"]:
         shape = "x".join(map(str, args["image_shape"]))
         common.die(f"the autoencoder in {cfg.out} was trained on {shape} images, not these")
-    f = args["f"]
-    return ae, args, [args["z_ch"], x_u8.shape[2] // f, x_u8.shape[3] // f]
+    return ae, args, [args["z_ch"], x_u8.shape[2] // args["f"], x_u8.shape[3] // args["f"]]
+
+
+def to_float(x_u8, device):
+    return x_u8.to(device).float() / 127.5 - 1  # [0, 255] -> [-1, 1]
 
 
 @torch.no_grad()
@@ -831,29 +870,9 @@ def latent_scale(ae, x_u8, device, n=2000) -> float:
     return 1.0 / torch.cat(z).float().std().item()
 
 
-def to_float(x_u8, device):
-    return x_u8.to(device).float() / 127.5 - 1  # [0, 255] -> [-1, 1]
-
-
 @torch.no_grad()
-def save_reconstructions(ae, x, path):
-    """Test images (odd rows) over their reconstructions (even rows)."""
-    k = min(8, len(x))
-    x = x[: len(x) // k * k]
-    rec = ae.decode(ae.encode(x)[0]).clamp(-1, 1)
-    rows = torch.stack([x.view(-1, k, *x.shape[1:]), rec.view(-1, k, *x.shape[1:])], 1)
-    common.save_grid(rows.flatten(0, 2), path, nrow=k)  # (rows, 2, k, C, H, W) -> images
-
-
-@torch.no_grad()
-def psnr(ae, x_u8, device) -> float:
-    """Mean PSNR in dB of decode(mean of q(z | x)) on images in [0, 1]."""
-    vals = []
-    for i in range(0, len(x_u8), 500):
-        x = to_float(x_u8[i : i + 500], device)
-        mse = ((ae.decode(ae.encode(x)[0]).clamp(-1, 1) - x) / 2).square().flatten(1).mean(1)
-        vals.append(-10 * torch.log10(mse.clamp(min=1e-10)))
-    return torch.cat(vals).mean().item()
+def reconstruct(ae, x):
+    return ae.decode(ae.encode(x)[0]).clamp(-1, 1)  # from the mean of q(z | x)
 
 
 def train_ae(cfg: Config):
@@ -861,51 +880,31 @@ def train_ae(cfg: Config):
     device, autocast, x, y, data = begin(cfg)
     args = ae_args(cfg, x.shape[1], x.shape[-1])
     ae = AutoencoderKL(**args["ae"]).to(device)
-    opt = torch.optim.AdamW(ae.parameters(), cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
-    start = restore(cfg, data, "ae.pt", dict(model=ae, opt=opt))
-    net = common.wrap(ae, cfg, device)
-    x_test = to_float(load_split(cfg, train=False)[0][:32], device)
-    loop = common.Loop(cfg, data, start, name="ae.pt")
-    if common.rank() == 0:
-        n = sum(p.numel() for p in ae.parameters()) / 1e6
-        shape = (cfg.z_ch, x.shape[2] // cfg.f, x.shape[3] // cfg.f)
-        print(f"cfg_ldm: stage ae, {n:.2f}M params, images {tuple(x.shape)} -> latents {shape}")
-    done = start
-    for step in range(start, cfg.steps):
-        done = step + 1
+    x_test = load_split(cfg, train=False)[0]
 
-        # forward and backward
-        xb = next(data)[0]  # the batch's images, in [-1, 1]
-        with autocast:
-            loss, rec, kl = ae_loss(net, xb, cfg.kl_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+    def loss(net, batch):
+        loss, rec, kl = ae_loss(net, batch[0], cfg.kl_weight)
+        return dict(loss=loss, rec=rec, kl=kl)
 
-        # update
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
-        opt.step()
-
-        # log
-        loop.add(loss=loss, rec=rec, kl=kl)
-        if common.due(done, cfg.log_every, cfg.steps, first=start + 1):
-            loop.log(done)
-
-        # checkpoint, with the scale factor of the weights it holds
-        if loop.flag or common.due(done, cfg.ckpt_every, cfg.steps):
+    def state(saving):
+        if saving:  # the scale factor of the weights being saved
             ae.scale_factor.fill_(latent_scale(ae, x, device))
-        state = dict(model=ae, opt=opt, model_args=args, image_shape=list(x.shape[1:]))
-        if loop.end_step(done, **state, scale_factor=ae.scale_factor.item()):
-            break
+        return dict(image_shape=list(x.shape[1:]), scale_factor=ae.scale_factor.item())
 
-        # sample a fixed-noise grid: reconstructions of fixed test images
-        if cfg.sample_every and common.due(done, cfg.sample_every, cfg.steps, first=200):
-            if common.rank() == 0:
-                path = Path(cfg.out) / f"recon_{done:06d}.png"
-                loop.aside(save_reconstructions, ae, x_test, path)
-    if common.rank() == 0 and done == cfg.steps:
-        x_t = load_split(cfg, train=False)[0]
-        scale = ae.scale_factor.item()
-        print(f"test PSNR {psnr(ae, x_t, device):.2f} dB, scale_factor {scale:.4f}")
+    def picture(done, ae):  # test images (odd rows) over their reconstructions (even rows)
+        k = min(8, len(x_test))
+        xt = to_float(x_test[: 32 // k * k], device).view(-1, k, *x.shape[1:])  # (rows, k, ...)
+        rows = torch.stack([xt, reconstruct(ae, xt.flatten(0, 1)).view_as(xt)], 1)
+        common.save_grid(rows.flatten(0, 2), Path(cfg.out) / f"recon_{done:06d}.png", nrow=k)
+
+    latents = (cfg.z_ch, x.shape[2] // cfg.f, x.shape[3] // cfg.f)
+    note = f"images {tuple(x.shape)} -> latents {latents}"
+    stage = Stage("ae.pt", ae, args, loss, state, picture, note=note)
+    if run_stage(cfg, stage, data, device, autocast) == cfg.steps and common.rank() == 0:
+        x = torch.cat([to_float(b, device) for b in x_test.split(500)])
+        mse = ((torch.cat([reconstruct(ae, b) for b in x.split(500)]) - x) / 2).square()
+        psnr = (-10 * torch.log10(mse.flatten(1).mean(1).clamp(min=1e-10))).mean()
+        print(f"test PSNR {psnr:.2f} dB, scale_factor {ae.scale_factor.item():.4f}")
     return ae
 
 
@@ -916,8 +915,6 @@ def conditions(cfg: Config, x_u8, y):
         return None, {"test_layouts": load_split(cfg, train=False)[1][:2500].tolist()}
     if cfg.cond == "sr" and x_u8.shape[-1] % cfg.sr_factor:
         common.die(f"--sr-factor {cfg.sr_factor} does not divide the image size {x_u8.shape[-1]}")
-    if cfg.cond == "inpaint":  # the mean-image baseline of --sample
-        return None, {"mean_image": to_float(x_u8, "cpu").mean(0)}
     if cfg.cond != "text":
         return None, {}
     if cfg.dataset.startswith("folder:"):
@@ -930,14 +927,6 @@ def conditions(cfg: Config, x_u8, y):
     make = lambda idx, r: [digit_caption(int(y[i]), int(a[i]), v) for i, v in zip(idx.tolist(), r)]
     prompts = [f"a {HELD_OUT[d]} {d}" for d in range(10)]
     return make, {"test_prompts": prompts, "tertiles": tert.tolist()}
-
-
-def context_input(cfg_cond, captions, idx, y, device, max_len):
-    """The conditioner's input for a batch of indices: labels, box tokens or caption token ids."""
-    if cfg_cond != "text":
-        return y[idx]
-    r = torch.rand(len(idx)).tolist()  # the phrasing of each caption, from the training RNG
-    return tokenize(captions(idx, r), max_len).to(device)
 
 
 @torch.no_grad()
@@ -957,86 +946,59 @@ def train_ldm(cfg: Config):
     device, autocast, x, y, data = begin(cfg)
     ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt") if cfg.resume else {}  # its own AE copy
     ae, ae_a, shape = first_stage(cfg, device, x, ck if "ae" in ck else None)
-    task, img = cfg.cond, x.shape[1:]
+    task, n_grid = cfg.cond, 40  # the fixed grid: 40 samples
     labels = y[..., 0] if task == "layout" else y
     n_classes = max(int(labels.max()) + 1, 10 if cfg.dataset.startswith("mnist") else 1)
     captions, extra = conditions(cfg, x, y)
-    if task == "layout":
-        y = layout_tokens(y, x.shape[-1], cfg.grid)  # (N, K, 5): the context of each canvas
-    args = ldm_args(cfg, shape[0], n_classes, {"sr": img[0], "inpaint": shape[0] + 1}.get(task, 0))
+    y = layout_tokens(y, x.shape[-1], cfg.grid) if task == "layout" else y  # (N, K, 5) contexts
+    args = ldm_args(
+        cfg, shape[0], n_classes, {"sr": x.shape[1], "inpaint": shape[0] + 1}.get(task, 0)
+    )
     if ae is not None:
         args["ae"] = {k: v for k, v in ae_a.items() if k != "image_shape"}
+        extra |= dict(ae=ae, scale_factor=ae.scale_factor.item(), image_shape=ae_a["image_shape"])
     model = LDM(**args["ldm"]).to(device)
-    ema = common.EMA(model, cfg.ema_decay)
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=0.0, fused=fused)
-    start = restore(cfg, data, "ckpt.pt", dict(model=model, ema=ema.module, opt=opt))
-    net = common.wrap(model, cfg, device)
     sched = make_schedule(cfg.T, cfg.schedule, device=device)
     stats = encode_all(ae, x, device) if ae is not None else None
-    g = torch.Generator().manual_seed(cfg.seed)  # the fixed noise and prompts of every grid
-    grid_c = torch.arange(40) % n_classes
-    grid_cc = None  # sr, inpaint: the image conditions of 40 fixed test images
+
+    def loss(net, batch):  # z_0 ~ q(z | x) scaled (or x_0), its context, L_simple
+        xb, idx = batch
+        x0 = xb if ae is None else draw_latents(ae, stats, idx)
+        if task == "text":  # each caption's phrasing from the training RNG
+            c = tokenize(captions(idx, torch.rand(len(idx)).tolist()), cfg.max_len).to(device)
+        else:
+            c = y[idx]  # labels or box tokens
+        concat = concat_input(task, ae, xb, cfg.sr_factor, shape[1:])  # sr, inpaint: an image
+        return dict(loss=ldm_loss(net, sched, x0, c, cfg.p_uncond, concat))
+
+    # the fixed grid: noise, and conditions of test images, layouts, prompts or labels
+    g = torch.Generator().manual_seed(cfg.seed)
+    grid_c, grid_cc = torch.arange(n_grid) % n_classes, None
     if task in ("sr", "inpaint"):
         x_test = load_split(cfg, train=False)[0]
-        x_grid = to_float(x_test[torch.arange(40) % len(x_test)], device)
-        holes = random_masks(40, x.shape[-1], g)
+        x_grid = to_float(x_test[torch.arange(n_grid) % len(x_test)], device)
+        holes = random_masks(n_grid, x.shape[-1], g)
         grid_cc = concat_input(task, ae, x_grid, cfg.sr_factor, shape[1:], holes)
     if task == "layout":
-        layouts = torch.tensor(extra["test_layouts"])
-        grid_c = layout_tokens(layouts[torch.arange(40) % len(layouts)], x.shape[-1], cfg.grid)
-    if cfg.cond == "text":
+        boxes = torch.tensor(extra["test_layouts"])
+        grid_c = layout_tokens(boxes[torch.arange(n_grid) % len(boxes)], x.shape[-1], cfg.grid)
+    if task == "text":
         prompts = extra["test_prompts"]
-        grid_c = tokenize([prompts[i % len(prompts)] for i in range(40)], cfg.max_len)
-    x_T = torch.randn(40, *shape, generator=g).to(device)
-    if ae is not None:
-        extra |= dict(ae=ae, scale_factor=ae.scale_factor.item(), image_shape=ae_a["image_shape"])
+        grid_c = tokenize([prompts[i % len(prompts)] for i in range(n_grid)], cfg.max_len)
+    x_T = torch.randn(n_grid, *shape, generator=g).to(device)
+    s = 1.0 if task in ("none", "sr", "inpaint") else 3.0  # the grid's guidance
+
+    def picture(done, ema):
+        x = Sampler(ema, ae, sched, autocast, cfg.sample_steps)(x_T, grid_c.to(device), s, grid_cc)
+        common.save_grid(x, Path(cfg.out) / f"samples_{done:06d}.png", nrow=10)
+
+    space = "pixels" if cfg.pixel else "latents"
+    state = lambda saving: dict(extra, shape=shape)
     warmup = max(1, min(cfg.warmup, cfg.steps // 20))
-    loop = common.Loop(cfg, data, start)
-    if common.rank() == 0:
-        n = sum(p.numel() for p in model.parameters()) / 1e6
-        space = "pixels" if cfg.pixel else "latents"
-        print(f"cfg_ldm: stage ldm, {n:.2f}M params, cond {cfg.cond}, {space} {tuple(shape)}")
-    for step in range(start, cfg.steps):
-        done = step + 1
-        lr = cfg.lr * min(1.0, done / warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-
-        # forward and backward: z_0 ~ q(z | x) scaled (or x_0), its context, L_simple
-        xb, idx = next(data)
-        x0 = xb if ae is None else draw_latents(ae, stats, idx)
-        c = context_input(cfg.cond, captions, idx, y, device, cfg.max_len)  # labels or token ids
-        concat = concat_input(task, ae, xb, cfg.sr_factor, shape[1:])  # sr, inpaint: an image
-        with autocast:
-            loss = ldm_loss(net, sched, x0, c, cfg.p_uncond, concat)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-
-        # update
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema.update(model, step)
-
-        # log
-        loop.add(loss=loss)
-        if common.due(done, cfg.log_every, cfg.steps, first=start + 1):
-            loop.log(done, lr=lr)
-
-        # checkpoint (the autoencoder goes along: ckpt.pt alone samples)
-        state = dict(model=model, ema=ema.module, opt=opt, model_args=args, shape=shape)
-        if loop.end_step(done, **state, **extra):
-            break
-
-        # sample a fixed-noise grid (CFG s = 3, fixed labels or prompts, --sample-steps DDIM)
-        if cfg.sample_every and common.due(done, cfg.sample_every, cfg.steps, first=200):
-            if common.rank() == 0:
-                s = 1.0 if cfg.cond in ("none", "sr", "inpaint") else 3.0
-                path = Path(cfg.out) / f"samples_{done:06d}.png"
-                c = grid_c.to(device)
-                grid = (ema.module, ae, sched, x_T, c, s, autocast, cfg.sample_steps, path)
-                loop.aside(save_sample_grid, *grid, concat=grid_cc)
-    return model, ema.module
+    note = f"cond {cfg.cond}, {space} {tuple(shape)}"
+    stage = Stage("ckpt.pt", model, args, loss, state, picture, cfg.ema_decay, warmup, note)
+    run_stage(cfg, stage, data, device, autocast)
+    return model
 
 
 def encode_all(ae, x_u8, device):
@@ -1059,84 +1021,62 @@ def train_classifier(cfg: Config):
     width, n_classes = (32 if cfg.tiny else 64), int(y.max()) + 1
     args = {"classifier": dict(in_ch=shape[0], ch=width, ch_mult=levels(cfg), n_classes=n_classes)}
     clf = NoisyClassifier(**args["classifier"]).to(device)
-    opt = torch.optim.AdamW(clf.parameters(), cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
-    start = restore(cfg, data, "classifier.pt", dict(model=clf, opt=opt))
-    net = common.wrap(clf, cfg, device)
     sched = make_schedule(cfg.T, cfg.schedule, device=device)
     stats = encode_all(ae, x, device) if ae is not None else None
-    loop = common.Loop(cfg, data, start, name="classifier.pt")
-    if common.rank() == 0:
-        n = sum(p.numel() for p in clf.parameters()) / 1e6
-        print(f"cfg_ldm: stage classifier, {n:.2f}M params, inputs {tuple(shape)}")
-    for step in range(start, cfg.steps):
-        done = step + 1
 
-        # forward and backward: x_t ~ q(x_t | x_0) at a random t, then cross-entropy
-        xb, idx = next(data)
+    def loss(net, batch):  # x_t ~ q(x_t | x_0) at a random t, then cross-entropy
+        xb, idx = batch
         x0 = xb if ae is None else draw_latents(ae, stats, idx)  # the LDM's own inputs
         t = torch.randint(0, cfg.T, (len(x0),), device=device)  # every noise level alike
-        with autocast:
-            logits = net(q_sample(sched, x0, t, torch.randn_like(x0)), t).float()
-        loss = F.cross_entropy(logits, y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        logits = net(q_sample(sched, x0, t, torch.randn_like(x0)), t).float()
+        acc = (logits.argmax(1) == y[idx]).float().mean()
+        return dict(loss=F.cross_entropy(logits, y[idx]), acc=acc)
 
-        # update
-        torch.nn.utils.clip_grad_norm_(clf.parameters(), cfg.grad_clip)
-        opt.step()
-
-        # log
-        loop.add(loss=loss, acc=(logits.argmax(1) == y[idx]).float().mean())
-        if common.due(done, cfg.log_every, cfg.steps, first=start + 1):
-            loop.log(done)
-
-        # checkpoint (with the space it classifies, checked against ckpt.pt at sampling)
-        space = dict(pixel=cfg.pixel, scale_factor=1.0 if ae is None else ae.scale_factor.item())
-        if loop.end_step(done, model=clf, opt=opt, model_args=args, **space):
-            break
+    # with the space it classifies, checked against ckpt.pt at sampling
+    space = dict(pixel=cfg.pixel, scale_factor=1.0 if ae is None else ae.scale_factor.item())
+    note = f"inputs {tuple(shape)}"
+    stage = Stage("classifier.pt", clf, args, loss, lambda saving: space, note=note)
+    run_stage(cfg, stage, data, device, autocast)
     return clf
 
 
 # -----------------------------------------------------------------------------
 # sampling: guided DDIM, then the decoder
-def guided_eps(model, ctx, mask, null_ctx, null_mask, s, autocast, sched=None, log_p=None, cc=None):
-    """eps(x, t) for the sampler: CFG at scale s (cc: the concat condition); or, given
-    log_p(x, t) = log p(y | x_t), the unconditional prediction with classifier guidance."""
+@dataclasses.dataclass
+class Sampler:
+    """What guided sampling needs, in one place: the (EMA) LDM, the autoencoder (None: pixels),
+    the schedule, autocast and the DDIM steps. sampler(x_T, c, s) -> images in [-1, 1]."""
 
-    def f(x, t):
-        with autocast:
-            if log_p is None:
-                return cfg_eps(model.unet, x, t, ctx, mask, null_ctx, null_mask, s, cc).float()
-            eps = model.unet(x, t, null_ctx, null_mask).float()
-        return classifier_eps(sched, eps, x, t, log_p, s)
+    model: LDM
+    ae: AutoencoderKL | None
+    sched: dict
+    autocast: object = contextlib.nullcontext()
+    steps: int = 50
+    eta: float = 0.0
 
-    return f
+    @torch.no_grad()
+    def __call__(self, x_T, c, s: float, concat=None, clf=None, y=None, g=None, after=None):
+        """From noise x_T and conditions c (labels, box tokens or token ids; concat: an image
+        condition): CFG at scale s, or with clf, classifier guidance toward labels y on the
+        unconditional model. after(z, t_prev) edits each DDIM step's output (paste-back)."""
+        cond = self.model.cond(c)  # (ctx, mask), once per batch, not per step
+        null = self.model.cond(c, torch.ones(len(c), dtype=torch.bool, device=c.device))
 
+        def eps(x, t):
+            with self.autocast:
+                if clf is None:
+                    return cfg_eps(self.model.unet, x, t, cond, null, s, concat).float()
+                e = self.model.unet(x, t, *null).float()
+            log_p = lambda x, t: clf(x, t).float().log_softmax(1).gather(1, y[:, None])[:, 0]
+            return classifier_eps(self.sched, e, x, t, log_p, s)  # log p(y | x_t) per image
 
-@torch.no_grad()
-def generate(model, ae, sched, x_T, c, s, autocast, steps=50, eta=0.0, clf=None, y=None, g=None,
-             concat=None, after=None):  # fmt: skip
-    """Images in [-1, 1] from noise x_T and conditions c (labels, box or token ids) and concat
-    (an image condition); after(z, t_prev) edits each DDIM step's output (paste-back)."""
-    ctx, mask = model.cond(c)  # computed once per batch, not per step
-    null_ctx, null_mask = model.cond(c, torch.ones(len(c), dtype=torch.bool, device=c.device))
-    log_p = None
-    if clf is not None:  # log p(y | x_t) of the noisy classifier, per image
-        log_p = lambda x, t: clf(x, t).float().log_softmax(1).gather(1, y[:, None])[:, 0]
-    eps = guided_eps(model, ctx, mask, null_ctx, null_mask, s, autocast, sched, log_p, concat)
-    z = ddim_sample(eps, sched, x_T, steps, eta, clip=ae is None, generator=g, after=after)
-    return z if ae is None else ae.from_latent(z).clamp(-1, 1)  # z / scale_factor, decoded
-
-
-def save_sample_grid(model, ae, sched, x_T, c, s, autocast, steps, path, concat=None):
-    """The EMA model's DDIM samples at guidance s from fixed noise and conditions."""
-    x = generate(model, ae, sched, x_T, c, s, autocast, steps, concat=concat)
-    common.save_grid(x, path, nrow=10)
+        z = ddim_sample(eps, self.sched, x_T, self.steps, self.eta, self.ae is None, g, after)
+        return z if self.ae is None else self.ae.from_latent(z).clamp(-1, 1)  # z / scale, decoded
 
 
 def load_trained(cfg: Config):
-    """(EMA LDM, autoencoder or None, schedule, checkpoint, device, autocast) of <out>/ckpt.pt,
-    rebuilt from its model_args: no training flag has to be repeated."""
+    """(Sampler of the EMA LDM, checkpoint, device) of <out>/ckpt.pt, rebuilt from its
+    model_args: no training flag has to be repeated."""
     ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt", need=("ema", "model_args", "shape"))
     if "ldm" not in ck["model_args"]:
         common.die(f"{cfg.out}/ckpt.pt is not a cfg_ldm.py checkpoint (no LDM in its model_args)")
@@ -1147,7 +1087,7 @@ def load_trained(cfg: Config):
     common.load_state(model, ck["ema"])
     ae = load_ae(cfg, device, ck)[0] if "ae" in ck else None
     sched = make_schedule(ck["config"]["T"], ck["config"]["schedule"], device=device)
-    return model, ae, sched, ck, device, autocast
+    return Sampler(model, ae, sched, autocast, cfg.sample_steps, cfg.eta), ck, device
 
 
 def load_classifier(cfg: Config, ck: dict, device):
@@ -1205,13 +1145,16 @@ def sampling_conditions(cfg: Config, ck: dict, kind: str, n_classes: int):
 
 def sample(cfg: Config):
     """--sample N: N images per guidance scale into samples.npz (arr_1: the labels asked for, or
-    the digit each prompt names) and samples.png; --sweep adds guidance.png."""
-    model, ae, sched, ck, device, autocast = load_trained(cfg)
-    kind, n_classes = model.cond.kind, ck["model_args"]["ldm"]["cond"]["n_classes"]
+    the digit each prompt names; layouts: arr_1 the labels, arr_2 the boxes) and samples.png;
+    --sweep adds guidance_<guide>.png."""
+    smp, ck, device = load_trained(cfg)
+    kind, n_classes = smp.model.cond.kind, ck["model_args"]["ldm"]["cond"]["n_classes"]
     if kind in ("sr", "inpaint"):
-        return sample_restoration(cfg, model, ae, sched, ck, device, autocast)
-    if cfg.input or cfg.mask:
-        common.die(f"--input and --mask need an sr or inpaint model; this one has --cond {kind}")
+        return sample_restoration(cfg, smp, ck, device)
+    if cfg.input or cfg.mask or cfg.uncond_paste:
+        common.die(
+            f"--input, --mask, --uncond-paste need an sr or inpaint model, not --cond {kind}"
+        )
     if cfg.layout and kind != "layout":
         common.die(f"--layout needs a layout model; this one has --cond {kind}")
     if cfg.guide == "classifier" and kind == "layout":
@@ -1234,14 +1177,12 @@ def sample(cfg: Config):
             ci = c[i : i + cfg.batch_size].to(device)
             yi = None if y is None else y[i : i + cfg.batch_size].to(device)
             x_T = torch.randn(len(ci), *ck["shape"], device=device, generator=g)
-            steps = (cfg.sample_steps, cfg.eta)
-            x = generate(model, ae, sched, x_T, ci, s, autocast, *steps, clf, yi, g)
-            xs.append(x.cpu())
+            xs.append(smp(x_T, ci, s, clf=clf, y=yi, g=g).cpu())
             print(f"scale {s:g}: sampled {i + len(ci)}/{cfg.sample}", flush=True)
         x = torch.cat(xs)
         out = Path(cfg.out) / "sweep" / f"{cfg.guide}_s{s:g}" if cfg.sweep else Path(cfg.out)
         common.save_samples(out, x, (y[..., 0], y) if kind == "layout" else y)
-        if kind == "layout":  # arr_1 the labels, arr_2 the boxes; the picture shows the boxes
+        if kind == "layout":  # the picture shows the boxes
             common.save_grid(draw_boxes(x[:64], y[:64]), out / "samples.png", nrow=8)
         m = min(len(x) // max(cycle, 1), 10)
         if cycle and m:  # the picture: one row per class (or prompt), m samples each
@@ -1249,11 +1190,9 @@ def sample(cfg: Config):
             common.save_grid(rows, out / "samples.png", nrow=m)
         row = {"scale": s, "guide": cfg.guide, "n": cfg.sample, "step": ck["step"]}
         if attrs is not None and "tertiles" in ck:  # thin/thick by the captions' own measure
-            u8 = ((x + 1) * 127.5).round()
-            got = thickness(u8, y.clamp(min=0), torch.tensor(ck["tertiles"]))
-            asked = torch.tensor(attrs)
-            scored = (asked != 1) & (y >= 0)  # prompts that name a digit and a thickness
-            if scored.any():
+            got = thickness(((x + 1) * 127.5).round(), y.clamp(min=0), torch.tensor(ck["tertiles"]))
+            asked, scored = torch.tensor(attrs), (torch.tensor(attrs) != 1) & (y >= 0)
+            if scored.any():  # prompts that name a digit and a thickness
                 row["attr_acc"] = round((got == asked)[scored].float().mean().item(), 4)
         print(json.dumps(row))
         blocks += [x[:40], torch.zeros(10, *x.shape[1:])]  # 4 rows of 10, then a blank row
@@ -1292,26 +1231,9 @@ def read_image(path: str, channels: int, size, flag: str):
     return pil_to_tensor(im)[None].float() / 127.5 - 1
 
 
-def psnr_db(a, b, where=None) -> torch.Tensor:
-    """PSNR in dB per image of images in [-1, 1] (as [0, 1]), over the pixels `where` is 1."""
-    where = torch.ones_like(a) if where is None else where.expand_as(a)
-    mse = (((a - b) / 2).square() * where).flatten(1).sum(1) / where.flatten(1).sum(1)
-    return -10 * torch.log10(mse.clamp(min=1e-10))
-
-
 def paste_known(x, hole, fill):
     """The known pixels of x exactly, `fill` in the holes (hole 1 = to fill)."""
     return torch.where(hole > 0, fill, x)
-
-
-@torch.no_grad()
-def restoration(model, ae, sched, ck, concat, s, autocast, cfg, g, after=None):
-    """DDIM samples of the sr / inpaint model for a batch of image conditions; the context is
-    the null token alone, so guidance s (1: none) weighs the image condition only."""
-    x_T = torch.randn(len(concat), *ck["shape"], device=concat.device, generator=g)
-    c = torch.zeros(len(concat), dtype=torch.long, device=concat.device)
-    steps = (cfg.sample_steps, cfg.eta)
-    return generate(model, ae, sched, x_T, c, s, autocast, *steps, g=g, concat=concat, after=after)
 
 
 def repaint_paste(sched, z_known, known, g):
@@ -1330,82 +1252,68 @@ def repaint_paste(sched, z_known, known, g):
     return after
 
 
-def sr_batch(run, ae, x, factor: int, latent_size):
-    """SR of test images x: {method: output} (bicubic and the AE's reconstruction, the ceiling,
-    beside ours) and the picture's columns low-res | bicubic | ours | target."""
-    low = F.avg_pool2d(x, factor)
-    res = dict(bicubic=F.interpolate(low, scale_factor=factor, mode="bicubic").clamp(-1, 1))
-    res["ae_reconstruction"] = x if ae is None else ae.decode(ae.encode(x)[0]).clamp(-1, 1)
-    res["ours"] = run(sr_condition(x, factor, latent_size))
-    nearest = F.interpolate(low, scale_factor=factor, mode="nearest")
-    return res, [nearest, res["bicubic"], res["ours"], x]
-
-
-def inpaint_batch(run, sched, ae, x, hole, mean_image, g):
-    """Inpainting of test images x: {method: output} (the mean image in the holes; the
-    unconditional model with paste-back; ours), every output with the known pixels pasted
-    back, and the picture's columns masked | mean fill | uncond + paste | ours | target."""
-    cc = inpaint_condition(ae, x, hole)
-    after = repaint_paste(sched, cc[:, :-1], 1 - hole, g)  # cc[:, :-1]: the masked image's latent
-    res = dict(mean_fill=paste_known(x, hole, mean_image.to(x.device)))
-    res["uncond_paste"] = paste_known(x, hole, run(cc, s=0.0, after=after))  # s = 0: eps_u
-    res["ours"] = paste_known(x, hole, run(cc))
-    return res, [paste_known(x, hole, torch.zeros_like(x)), *res.values(), x]
-
-
-def sample_restoration(cfg: Config, model, ae, sched, ck, device, autocast):
-    """sr / inpaint --sample N: the first N test images (cycled), restored, beside the baselines,
-    each into samples.npz (arr_1: the source digits' labels; baselines in <out>/baselines/*), PSNR
-    printed (inpaint: inside the holes), and samples.png rows of input | baselines | ours |
-    target. --input (and --mask): one user image instead, into <out>/<name>_<task>.png."""
-    task, factor = model.cond.kind, ck["config"]["sr_factor"]
-    s = cfg.guidance if "guidance" in cfg.given else 1.0  # LDM's restorations use no guidance
+def sample_restoration(cfg: Config, smp: Sampler, ck: dict, device):
+    """sr / inpaint --sample N: the first N test images (cycled), restored at --restore-guidance,
+    into samples.npz: arr_0 the outputs, arr_1 the digits' labels, arr_2 the conditions (sr: the
+    low-res inputs; inpaint: the masks, 1 = hole), arr_3 the originals, which evaluate.py
+    --restoration scores beside bicubic or mean fill; samples.png rows input | output | original.
+    --uncond-paste: the unconditional model with paste-back instead, into <out>/uncond_paste/.
+    --input (and --mask): one user image instead, into <out>/<name>_<task>.png."""
+    task, factor = smp.model.cond.kind, ck["config"]["sr_factor"]
     C, H, W = ck.get("image_shape") or ck["shape"]
     g = torch.Generator(device).manual_seed(cfg.seed)
+    if cfg.uncond_paste and task != "inpaint":
+        common.die("--uncond-paste is inpainting's baseline; this model has --cond sr")
 
-    def run(cc, s=s, after=None):
-        return restoration(model, ae, sched, ck, cc, s, autocast, cfg, g, after)
+    def run(cc, after=None):  # the null context: guidance weighs the image condition alone
+        x_T = torch.randn(len(cc), *ck["shape"], device=device, generator=g)
+        c = torch.zeros(len(cc), dtype=torch.long, device=device)
+        s = 0.0 if cfg.uncond_paste else cfg.restore_guidance  # s = 0: eps_u
+        return smp(x_T, c, s, cc, g=g, after=after)
+
+    def inpaint(x, hole):  # the known pixels pasted back after decoding
+        cc = inpaint_condition(smp.ae, x, hole)
+        after = repaint_paste(smp.sched, cc[:, :-1], 1 - hole, g) if cfg.uncond_paste else None
+        return paste_known(x, hole, run(cc, after))  # cc[:, :-1]: the masked image's latent
 
     if task == "inpaint" and bool(cfg.input) != bool(cfg.mask):
         common.die("--input and --mask go together for an inpainting model")
     if cfg.input:  # sr: the input is the low-res image itself (a factor of 1 passes it on)
-        x = read_image(
-            cfg.input, C, (H // factor, W // factor) if task == "sr" else (H, W), "input"
-        )
+        size = (H // factor, W // factor) if task == "sr" else (H, W)
+        x = read_image(cfg.input, C, size, "input").to(device)
         if task == "sr":
-            out = run(sr_condition(x.to(device), 1, ck["shape"][1:]))
-        else:
-            hole = (read_image(cfg.mask, 0, (H, W), "mask") > 0).float().to(device)  # white: fill
-            x = x.to(device)
-            out = paste_known(x, hole, run(inpaint_condition(ae, x, hole)))
+            out = run(sr_condition(x, 1, ck["shape"][1:]))
+        else:  # white in the mask: to fill
+            out = inpaint(x, (read_image(cfg.mask, 0, (H, W), "mask") > 0).float().to(device))
         path = Path(cfg.out) / f"{Path(cfg.input).stem}_{task}.png"
         common.save_grid(out, path, nrow=1)
         return print(f"wrote {path}")
     x_u8, y = load_split(common.from_run(cfg, ck), train=False)
     idx = torch.arange(cfg.sample) % len(x_u8)
     holes = random_masks(cfg.sample, W, torch.Generator().manual_seed(cfg.seed))  # test masks
-    outs, rows = {}, []
+    outs, conds, shown = [], [], []
     for i in range(0, cfg.sample, cfg.batch_size):
         x = to_float(x_u8[idx[i : i + cfg.batch_size]], device)
-        hole = holes[i : i + len(x)].to(device)
         if task == "sr":
-            res, shown = sr_batch(run, ae, x, factor, ck["shape"][1:])
+            cond = F.avg_pool2d(x, factor)  # the low-res input, area-averaged
+            out = run(sr_condition(x, factor, ck["shape"][1:]))
+            seen = F.interpolate(cond, scale_factor=factor, mode="nearest")
         else:
-            res, shown = inpaint_batch(run, sched, ae, x, hole, ck["mean_image"], g)
-        where = hole if task == "inpaint" else None
-        for k, v in res.items():
-            outs.setdefault(k, []).append((v.cpu(), psnr_db(v, x, where).cpu()))
-        rows.append(torch.stack(shown, 1)[:8].cpu())  # (b, columns, C, H, W)
+            cond = holes[i : i + len(x)].to(device)
+            out, seen = inpaint(x, cond), paste_known(x, cond, torch.zeros_like(x))
+        outs.append(out.cpu())
+        conds.append(cond.cpu())
+        shown.append(torch.stack([seen, out, x], 1)[:8].cpu())  # (b, 3, C, H, W)
         print(f"{task}: restored {i + len(x)}/{cfg.sample}", flush=True)
-    for k, v in outs.items():
-        out = Path(cfg.out) if k == "ours" else Path(cfg.out) / "baselines" / k
-        common.save_samples(out, torch.cat([a for a, _ in v]), y[idx])
-        psnr = round(torch.cat([b for _, b in v]).mean().item(), 3)
-        row = {"task": task, "method": k, "n": cfg.sample, "step": ck["step"], "guidance": s}
-        print(json.dumps(row | {"psnr_in_holes" if task == "inpaint" else "psnr": psnr}))
-    rows = torch.cat(rows)[:8]
-    common.save_grid(rows.flatten(0, 1), Path(cfg.out) / "samples.png", nrow=rows.shape[1])
-    print(f"wrote {cfg.out}/samples.npz (ours), baselines/*/samples.npz, samples.png (a row each)")
+    out = Path(cfg.out) / ("uncond_paste" if cfg.uncond_paste else "")
+    u8 = lambda t: ((t + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    cond = torch.cat(conds)
+    cond = u8(cond) if task == "sr" else cond.to(torch.uint8).permute(0, 2, 3, 1)  # NHWC
+    common.save_samples(out, torch.cat(outs), [y[idx], cond, x_u8[idx].permute(0, 2, 3, 1)])
+    rows = torch.cat(shown)[:8]
+    common.save_grid(rows.flatten(0, 1), out / "samples.png", nrow=3)
+    print(f"wrote {out}/samples.npz and samples.png; score: python evaluate.py "
+          f"{out}/samples.npz --restoration {task}")  # fmt: skip
 
 
 def train(cfg: Config):

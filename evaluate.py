@@ -23,6 +23,11 @@ Metrics, samples against the test split (--real: test split against the train sp
              every box cropped, resized to 28x28 and classified: box_acc against its label;
              ink_outside (ink outside all boxes / ink inside them). No FID: canvases are not
              digits.
+  --restoration sr | inpaint: restorations (arr_2: the low-res inputs, or the masks, 1 = hole;
+             arr_3: the originals), scored beside their task's baseline (bicubic upsampling of
+             the low-res input; the train split's mean image in the holes): psnr in dB (pixels as
+             [0, 1], mean over images; inpainting: over the holes) and the metrics above, the
+             baseline's under its name (bicubic_psnr, mean_fill_cond_acc, ...).
 One JSON line is printed and appended to <samples dir>/metrics.jsonl.
 """
 
@@ -205,13 +210,18 @@ def inception_features(x_u8: torch.Tensor, batch=100) -> torch.Tensor:
     return torch.cat(out)
 
 
-def load_npz(path, boxes=False):
+def load_npz(path, boxes=False, restoration=""):
+    """(images (N, C, H, W), labels or boxes); with `restoration` also arr_2 and arr_3 as NCHW."""
     try:
         z = np.load(path)
         x = torch.from_numpy(z["arr_0"])
         y = torch.from_numpy(z["arr_1"]).long() if "arr_1" in z.files else None
         if boxes:  # the layouts, in place of the labels
             y = torch.from_numpy(z["arr_2"]).long()
+        if restoration:  # the conditions and the originals, NHWC -> NCHW
+            extra = [
+                torch.from_numpy(z[k]).permute(0, 3, 1, 2).contiguous() for k in ("arr_2", "arr_3")
+            ]
     except Exception as e:
         common.die(f"cannot read samples from {path}: {type(e).__name__}: {str(e)[:120]}")
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] not in (1, 3) or len(x) < 2:
@@ -219,7 +229,10 @@ def load_npz(path, boxes=False):
         common.die(f"{path}: arr_0 must be uint8 [N, H, W, C] with C 1 or 3 and N >= 2, got {got}")
     if y is not None and len(y) != len(x):
         common.die(f"{path}: arr_1 has {len(y)} labels for {len(x)} images")
-    return x.permute(0, 3, 1, 2).contiguous(), y  # (N, C, H, W)
+    x = x.permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+    if restoration and (extra[1].shape != x.shape or len(extra[0]) != len(x)):
+        common.die(f"{path}: arr_2, arr_3 must hold the {len(x)} conditions and originals")
+    return (x, y, *extra) if restoration else (x, y)
 
 
 def box_scores(net, x_u8, boxes) -> dict:
@@ -247,9 +260,28 @@ def box_scores(net, x_u8, boxes) -> dict:
     return out | {"ink_outside": (ink[~inside].sum() / ink[inside].sum().clamp(min=1)).item()}
 
 
+def psnr(a_u8, b_u8, where=None) -> torch.Tensor:
+    """PSNR in dB per image of uint8 images (pixels as [0, 1]), over the pixels `where` is 1."""
+    where = torch.ones_like(a_u8, dtype=torch.float64) if where is None else where.expand_as(a_u8)
+    sq = ((a_u8.double() - b_u8.double()) / 255).square() * where
+    return -10 * torch.log10((sq.flatten(1).sum(1) / where.flatten(1).sum(1)).clamp(min=1e-10))
+
+
+def restoration_baseline(task: str, cond, orig, train_mean):
+    """The uint8 baseline of a restoration: bicubic upsampling of the low-res inputs (sr), or the
+    train split's mean image in the holes of the originals (inpaint; cond: masks, 1 = hole)."""
+    if task == "sr":
+        low = cond.double() / 127.5 - 1  # as the model saw it, in [-1, 1]
+        up = F.interpolate(low, size=orig.shape[-2:], mode="bicubic").clamp(-1, 1)
+        return ((up + 1) * 127.5).round().to(torch.uint8)
+    return torch.where(cond > 0, train_mean.round().to(torch.uint8), orig)
+
+
 def evaluate(args) -> dict:
     digits = args.dataset in common.DIGITS
-    x, y = (None, None) if args.real else load_npz(args.samples, args.boxes)  # fails before work
+    x = y = None
+    if not args.real:  # a malformed file fails before any work
+        x, y, *extra = load_npz(args.samples, args.boxes, args.restoration)
     cfg = common.Config(dataset=args.dataset, data_dir=args.data_dir, download=args.download)
     cfg.image_size = 28 if digits else args.image_size
     x_tr, y_tr = common.load_images(cfg, train=True)
@@ -265,24 +297,37 @@ def evaluate(args) -> dict:
         return res | {"n": len(x), "digit_net_test_acc": acc} | box_scores(net, x, y)
     res |= {"n": len(x), "n_ref": len(ref)}
     if digits:
-        if x.shape[1] == 3:  # RGB digits -> grey: the ink of any colour (stargan.py's styles)
-            x = x.amax(1, keepdim=True)
         net, acc = digit_net(args, x_tr, y_tr, x_te, y_te)
         res |= {"features": f"{args.dataset}-cnn-128 (ours; test acc {acc:.4f})"}
-        (f, p), (f_ref, _) = digit_outputs(net, x), digit_outputs(net, ref)
+        grey = lambda x: x.amax(1, keepdim=True)  # RGB digits: the ink of any colour (stargan)
+        features = lambda x: digit_outputs(net, grey(x))
     else:
         res |= {"features": "inception-v3-pool-2048"}
-        f, f_ref, p = inception_features(x), inception_features(ref), None
-    res["fid"], res["kid"] = fid(f, f_ref), kid(f, f_ref)
-    res["precision"], res["recall"] = precision_recall(f_ref, f)
-    if p is not None:
-        res |= classifier_scores(p, y)
+        features = lambda x: (inception_features(x), None)
+    f_ref = features(ref)[0]
+
+    def scores(x, prefix=""):
+        (f, p), out = features(x), {}
+        out["fid"], out["kid"] = fid(f, f_ref), kid(f, f_ref)
+        out["precision"], out["recall"] = precision_recall(f_ref, f)
+        out |= {} if p is None else classifier_scores(p, y)
+        return {prefix + k: v for k, v in out.items()}
+
+    res |= scores(x)
+    if args.restoration:  # PSNR beside the task's baseline, scored alike
+        cond, orig = extra[0][: len(x)], extra[1][: len(x)]
+        base = restoration_baseline(args.restoration, cond, orig, x_tr.double().mean(0))
+        where = (cond > 0).double() if args.restoration == "inpaint" else None
+        name = "bicubic" if args.restoration == "sr" else "mean_fill"
+        key = "psnr_in_holes" if where is not None else "psnr"
+        res[key] = psnr(x, orig, where).mean().item()
+        res |= {"baseline": name, f"{name}_{key}": psnr(base, orig, where).mean().item()}
+        res |= scores(base, f"{name}_")
     return res
 
 
 def main(argv=None):
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
     p.add_argument("samples", nargs="?", help="a samples.npz (arr_0 uint8 NHWC, arr_1 labels)")
     p.add_argument(
         "--dataset", default="mnist", help="mnist | mnist-12k | fashion | cifar10 | celeba"
@@ -294,12 +339,15 @@ def main(argv=None):
     p.add_argument("--real", action="store_true", help="score the real test split against train")
     p.add_argument("--n", type=int, default=0, help="use only the first N samples (0: all)")
     p.add_argument("--boxes", action="store_true", help="score layouts (arr_2) box by box")
+    p.add_argument("--restoration", choices=("sr", "inpaint"), help="score restorations")
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "generative-models"
     p.add_argument("--cache-dir", default=str(cache), help="where the feature classifier is kept")
     p.add_argument("--epochs", type=int, default=12, help="digits: the feature CNN's training")
     args = p.parse_args(argv)
     if args.epochs < 1:
         common.die(f"--epochs {args.epochs}: the feature classifier needs at least one epoch")
+    if args.restoration and (args.real or args.boxes):
+        common.die("--restoration scores a samples.npz of restorations, not --real or --boxes")
     if not args.real and not args.samples:
         common.die("give a samples.npz, or --real for the real-data floor")
     if args.boxes and (args.real or args.dataset not in ("mnist", "mnist-12k")):

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ROOT, assert_one_line_error, run
 
 import evaluate as E
@@ -109,6 +110,30 @@ def test_box_scores_crop_each_box_and_weigh_ink_outside():
     )
 
 
+def test_restoration_psnr_and_baselines_in_closed_form():
+    """PSNR of images a known distance apart (everywhere, and over the holes only); the sr
+    baseline is torch's bicubic upsampling of the low-res input; mean fill changes the holes
+    alone."""
+    a = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    b = a.clone()
+    b[0] = 51  # 0.2 on [0, 1]: mse 0.04, 13.98 dB
+    b[1, :, :2] = 51  # half the image: mse 0.02, 16.99 dB; over those pixels alone 13.98
+    torch.testing.assert_close(E.psnr(a, b), -10 * torch.log10(torch.tensor([0.04, 0.02])).double())
+    where = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    where[:, :, :2] = 1
+    assert E.psnr(a, b, where).tolist() == pytest.approx([13.9794, 13.9794], abs=1e-4)
+    low = torch.randint(0, 256, (3, 1, 7, 7), dtype=torch.uint8)
+    orig = torch.zeros(3, 1, 28, 28, dtype=torch.uint8)
+    up = F.interpolate(low.double() / 127.5 - 1, scale_factor=4, mode="bicubic").clamp(-1, 1)
+    want = ((up + 1) * 127.5).round().to(torch.uint8)
+    assert torch.equal(E.restoration_baseline("sr", low, orig, None), want)
+    orig = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    hole = (torch.rand(3, 1, 28, 28) < 0.3).to(torch.uint8)
+    mean = torch.full((1, 28, 28), 99.6, dtype=torch.float64)
+    filled = E.restoration_baseline("inpaint", hole, orig, mean)
+    assert (filled[hole > 0] == 100).all() and torch.equal(filled[hole == 0], orig[hole == 0])
+
+
 @pytest.mark.slow
 def test_real_digits_floor_and_a_collapsed_set(tmp_path):
     cache = ["--cache-dir", tmp_path / "cache", "--dataset", "mnist-12k"]
@@ -133,4 +158,12 @@ def test_real_digits_floor_and_a_collapsed_set(tmp_path):
     assert ok["fid"] < 3 * real["fid"] and ok["label_entropy"] > 2.2, (
         ok
     )  # resizing keeps real digits real
-    assert len(open(tmp_path / "metrics.jsonl").readlines()) == 2
+    # restorations: the originals themselves beside bicubic from their 7x7 block means
+    y = np.load(ROOT / "data" / "mnist-12k.npz")["y_test"][:500]
+    orig = x[:500, :, :, None]
+    low = orig.reshape(500, 7, 4, 7, 4, 1).mean((2, 4)).round().astype(np.uint8)
+    np.savez(tmp_path / "sr.npz", orig, y, low, orig)
+    sr = score(tmp_path / "sr.npz", "--restoration", "sr")
+    assert sr["psnr"] == 100 and sr["baseline"] == "bicubic" and 10 < sr["bicubic_psnr"] < 30
+    assert sr["cond_acc"] > sr["bicubic_cond_acc"] and sr["fid"] < sr["bicubic_fid"], sr
+    assert len(open(tmp_path / "metrics.jsonl").readlines()) == 3
