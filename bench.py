@@ -403,7 +403,7 @@ def bench_cfg_ldm(args, device, autocast):
         rate = train_rate(net, loss, x0, args, device, autocast)
         x_T = torch.randn(args.sample_batch, ch, res, res, device=device)
         smp = L.Sampler(net.eval(), None if ch == C else ae, sched, autocast, 50)
-        t = timed(lambda smp=smp: smp(x_T, y[: len(x_T)], 3.0), device, 1)
+        t = timed(lambda smp=smp, x_T=x_T: smp(x_T, y[: len(x_T)], 3.0), device, 1)
         row = {"model": f"cfg_ldm.LDM on {name}", "params_M": params(net), "train_img_s": rate}
         rows.append(dict(row, cfg_ddim50_img_s=round(len(x_T) / t, 1)))
     ratio = rows[1]["train_img_s"] / rows[0]["train_img_s"]
