@@ -52,17 +52,23 @@ def timed(fn, device, repeat):
 
 
 # -----------------------------------------------------------------------------
-# the DDPM U-Net and its peers at matched widths
+# the DDPM U-Net (and, with --peers, the peers' at matched widths)
 def ddpm_nets(args):
     """(name, eps-model) pairs: ours, then each installed peer configured to the same U-Net."""
     cfg = ddpm_ddim.Config(tiny=args.tiny)
     unet = ddpm_ddim.model_args(cfg, args.channels, args.image_size)["unet"]
     ours = ddpm_ddim.UNet(**unet)
+    return [("ddpm_ddim.UNet", ours)] + (ddpm_peers(args, ours, unet) if args.peers else [])
+
+
+# -----------------------------------------------------------------------------
+# peers: installed reference implementations, configured to the networks they stand beside
+def ddpm_peers(args, ours, unet) -> list:
+    """denoising-diffusion-pytorch's Unet (at our width and at our parameter count) and
+    diffusers' UNet2DModel in the DDPM CIFAR-10 layout, as (name, eps-model) pairs."""
     mult, attn = unet["ch_mult"], unet["attn_res"]
     ch, blocks = unet["ch"], unet["num_res_blocks"]
-    nets = [("ddpm_ddim.UNet", ours)]
-    if not args.peers:
-        return nets
+    nets = []
     try:  # lucidrains: linear attention at most levels, 2 blocks per decoder level (DDPM has 3),
         # so at our widths it has fewer parameters; a second copy is widened to our parameter count
         from denoising_diffusion_pytorch import Unet
@@ -108,6 +114,23 @@ class DiffusersEps(torch.nn.Module):
 
     def forward(self, x, t):
         return self.net(x, t).sample
+
+
+def vq_peers() -> list:
+    """vector-quantize-pytorch's VectorQuantize set to our two methods: EMA decay 0.99,
+    commitment 0.25, restarts below 1 use, plain straight-through; and a learnable codebook."""
+    try:
+        from vector_quantize_pytorch import VectorQuantize
+    except ImportError:
+        print("peer not installed: pip install vector-quantize-pytorch")
+        return []
+    kw = dict(dim=64, codebook_size=512, decay=0.99, commitment_weight=0.25)
+    kw |= dict(accept_image_fmap=True, threshold_ema_dead_code=1, rotation_trick=False)
+    learnable = VectorQuantize(**kw, learnable_codebook=True, ema_update=False)
+    return [
+        ("vector_quantize_pytorch ema", VectorQuantize(**kw)),
+        ("vector_quantize_pytorch learnable", learnable),
+    ]
 
 
 def time_eps_model(name, net, args, device, autocast, sched):
@@ -221,17 +244,9 @@ def bench_vqvae(args, device, autocast):
         ("vqvae.VectorQuantizer ema", vqvae.VectorQuantizer(512, 64, ema=True)),
         ("vqvae.VectorQuantizer eq3", vqvae.VectorQuantizer(512, 64)),
     ]
-    if args.peers:
-        try:  # EMA decay 0.99, commitment 0.25, restarts below 1 use, plain straight-through
-            from vector_quantize_pytorch import VectorQuantize
-
-            kw = dict(dim=64, codebook_size=512, decay=0.99, commitment_weight=0.25)
-            kw |= dict(accept_image_fmap=True, threshold_ema_dead_code=1, rotation_trick=False)
-            quantizers.insert(1, ("vector_quantize_pytorch ema", VectorQuantize(**kw)))
-            learnable = VectorQuantize(**kw, learnable_codebook=True, ema_update=False)
-            quantizers.append(("vector_quantize_pytorch learnable", learnable))
-        except ImportError:
-            print("peer not installed: pip install vector-quantize-pytorch")
+    peers = vq_peers() if args.peers else []
+    if peers:  # each beside ours: ema, theirs ema, eq3, theirs learnable
+        quantizers = [quantizers[0], peers[0], quantizers[1], peers[1]]
     rows = []
     for name, q in quantizers:
         q, ours = q.to(device).train(), name.startswith("vqvae")
@@ -549,8 +564,7 @@ BENCHES = {
 
 
 def main(argv=None):
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
     p.add_argument("--models", default="ddpm_ddim", help=f"comma-separated: {', '.join(BENCHES)}")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")

@@ -82,11 +82,8 @@ class Config(common.Config):
     restore_guidance: float = 1.0  # sr, inpaint: s on the image condition (1: none, as LDM)
     uncond_paste: bool = False  # inpaint --sample: the unconditional model + paste-back instead
     sweep: str = ""  # e.g. 0,1,3: N samples per scale (same noise) in <out>/sweep/<guide>_s<S>/
-    labels: str = ""  # --sample, class models: labels to cycle (default 0-9)
     prompt: str = ""  # --sample, text: prompts split on |, or a file of lines (default: held out)
     layout: str = ""  # --sample, layout: a JSON list of layouts [[label, x0, y0, x1, y1], ...]
-    input: str = ""  # --sample, sr: a low-res image to upsample; inpaint: an image to complete
-    mask: str = ""  # --sample, inpaint with --input: a mask image of its size, white = fill
     at_least = dict(T=2, guidance=0, restore_guidance=0, z_ch=1, heads=1, max_len=1, grid=2)
     at_least |= dict(sr_factor=1, sample_steps=1, p_uncond=0)
     choices = dict(stage=("ae", "ldm", "classifier"), guide=("cfg", "classifier"))
@@ -316,7 +313,7 @@ class Conditioner(nn.Module):
             mask = c[..., 0] >= 0  # (B, K)
             offset = torch.arange(4, device=c.device) * self.grid  # into the corner tables
             corners = self.corner(c[..., 1:].clamp(min=0) + offset).sum(2)  # (B, K, dim)
-            ctx = self.emb(c[..., 0].clamp(min=0)) + corners
+            ctx = self.emb(c[..., 0].clamp(min=0)) + corners  # padding rows: masked out
         for blk in self.blocks:  # bidirectional self-attention over the real tokens
             ctx = blk(ctx, self_mask=mask)
         return self.norm(ctx), mask
@@ -698,7 +695,7 @@ def load_split(cfg: Config, train: bool):
     """(uint8 images, labels), as common.load_images; for layouts the labels are the boxes
     (N, K, 5) in pixels: mnist-layout's canvases, or a folder's metadata.jsonl "boxes"."""
     if cfg.dataset == "mnist-layout":
-        x, y = common.load_digits(cfg, train)
+        x, y = common.load_images(cfg, train, digits=True)
         n = len(x) if train else len(x) // 2  # test canvases use each test digit about once
         return make_canvases(x, y, n, seed=cfg.seed * 2 + (0 if train else 1))
     x, y = common.load_images(cfg, train)
@@ -766,16 +763,13 @@ class Stage:
     picture: Callable | None = None  # (step, the model to draw from: its EMA if any) -> a grid
     ema: float = 0.0  # EMA decay of the model; 0: none
     warmup: int = 0  # linear learning-rate warmup steps; 0: none
-    note: str = ""  # for the first line it prints
 
 
 def run_stage(cfg: Config, st: Stage, data, device, autocast) -> int:
-    """AdamW on st.loss with clipping (and EMA, warmup), logs, pictures, checkpoints, exact
-    --resume; returns the last step done."""
-    model = st.model
-    opt = torch.optim.AdamW(
-        model.parameters(), cfg.lr, weight_decay=0.0, fused=device.type == "cuda"
-    )
+    """AdamW on st.loss with clipping (and EMA, warmup): logs, grids, checkpoints, exact
+    --resume. Returns the last step done."""
+    model, fused = st.model, device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=0.0, fused=fused)
     ema = common.EMA(model, st.ema) if st.ema else None
     modules = dict(model=model, opt=opt) | (dict(ema=ema.module) if ema else {})
     start = 0
@@ -787,7 +781,7 @@ def run_stage(cfg: Config, st: Stage, data, device, autocast) -> int:
     net, loop, done = common.wrap(model, cfg, device), common.Loop(cfg, data, start, st.file), start
     if common.rank() == 0:
         n = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"cfg_ldm: stage {cfg.stage}, {n:.2f}M params, {st.note}", flush=True)
+        print(f"cfg_ldm: stage {cfg.stage}, {n:.2f}M params, images {tuple(data.x.shape)}")
     for step in range(start, cfg.steps):
         done = step + 1
         lr = cfg.lr * min(1.0, done / st.warmup) if st.warmup else cfg.lr
@@ -817,44 +811,36 @@ def run_stage(cfg: Config, st: Stage, data, device, autocast) -> int:
             break
 
         # sample a fixed-noise grid
-        if st.picture and cfg.sample_every and common.rank() == 0:
-            if common.due(done, cfg.sample_every, cfg.steps, first=200):
-                loop.aside(st.picture, done, model if ema is None else ema.module)
+        grid = st.picture and cfg.sample_every and common.rank() == 0
+        if grid and common.due(done, cfg.sample_every, cfg.steps, first=200):
+            loop.aside(st.picture, done, model if ema is None else ema.module)
     return done
 
 
 def begin(cfg: Config):
-    """What every stage starts with: device, the training split, resumable batches of indices
-    (the stage looks up images, latents, labels and captions by index)."""
+    """A stage's device, training split, and resumable batches of indices (the stage looks
+    up images, latents, labels and captions by index)."""
     device, autocast = common.setup(cfg)
     x, y = load_split(cfg, train=True)
     data = common.Batches(x, torch.arange(len(x)), cfg.batch_size, cfg.seed, device)
     return device, autocast, x, y.to(device), data
 
 
-def load_ae(cfg: Config, device, ck=None):
-    """(autoencoder, its model_args) of <out>/ae.pt, or of the copy in ckpt.pt (`ck`)."""
+def first_stage(cfg: Config, device, ck=None, x_u8=None):
+    """(autoencoder, its args, the diffusion model's input shape) of <out>/ae.pt, or of the
+    copy in a ckpt.pt (`ck`); x_u8: the images it must have been trained on."""
     if not ck:
         path = Path(cfg.out) / "ae.pt"
         if not path.is_file():
             common.die(f"--stage {cfg.stage} needs the autoencoder: run --stage ae first ({path})")
-        ae_ck = common.load_ckpt(path, need=("model", "model_args", "image_shape"))
-        ck = dict(ae_ck, ae=ae_ck["model"])
-    args = ck["model_args"]["ae"]
+        ck = common.load_ckpt(path, need=("model", "model_args", "image_shape"))
+        ck = dict(ck, ae=ck["model"])
+    args, (_, H, W) = ck["model_args"]["ae"], ck["image_shape"]
+    if x_u8 is not None and list(x_u8.shape[1:]) != ck["image_shape"]:
+        common.die(f"the autoencoder in {cfg.out} was trained on other images: {H}x{W}")
     ae = AutoencoderKL(**args).to(device).eval().requires_grad_(False)
     common.load_state(ae, ck["ae"], "autoencoder")
-    return ae, dict(args, image_shape=ck["image_shape"])
-
-
-def first_stage(cfg: Config, device, x_u8, ck=None):
-    """(autoencoder or None for --pixel, its model_args, the diffusion model's input shape)."""
-    if cfg.pixel:
-        return None, None, list(x_u8.shape[1:])
-    ae, args = load_ae(cfg, device, ck)
-    if list(x_u8.shape[1:]) != args["image_shape"]:
-        shape = "x".join(map(str, args["image_shape"]))
-        common.die(f"the autoencoder in {cfg.out} was trained on {shape} images, not these")
-    return ae, args, [args["z_ch"], x_u8.shape[2] // args["f"], x_u8.shape[3] // args["f"]]
+    return ae, args, [args["z_ch"], H // args["f"], W // args["f"]]
 
 
 def to_float(x_u8, device):
@@ -862,61 +848,66 @@ def to_float(x_u8, device):
 
 
 @torch.no_grad()
-def latent_scale(ae, x_u8, device, n=2000) -> float:
-    """LDM's scale_factor: 1 / std of latents z ~ q(z | x) of (up to n) training images."""
-    ae.scale_factor.fill_(1.0)
-    x, g = x_u8[:n], torch.Generator(device).manual_seed(0)  # its own noise: resumes stay exact
-    z = [ae.to_latent(to_float(x[i : i + 500], device), g) for i in range(0, len(x), 500)]
-    return 1.0 / torch.cat(z).float().std().item()
+def latents(ae, x_u8, device):
+    """draw(idx): the diffusion model's x_0 for indexed training images, z ~ q(z | x) times the
+    scale factor, from (mean, std) of q computed once."""
+    stats = [ae.encode(to_float(b, device)) for b in x_u8.split(500)]
+    mean, std = torch.cat([m for m, _ in stats]), torch.cat([(0.5 * v).exp() for _, v in stats])
+    return lambda idx: ae.scale_factor * (mean[idx] + std[idx] * torch.randn_like(mean[idx]))
 
 
 @torch.no_grad()
-def reconstruct(ae, x):
-    return ae.decode(ae.encode(x)[0]).clamp(-1, 1)  # from the mean of q(z | x)
+def latent_scale(ae, x_u8, device, n=2000) -> float:
+    """LDM's scale_factor: 1 / std of latents z ~ q(z | x) of (up to n) training images."""
+    ae.scale_factor.fill_(1.0)
+    g = torch.Generator(device).manual_seed(0)  # its own noise: resumes stay exact
+    z = [ae.to_latent(to_float(b, device), g) for b in x_u8[:n].split(500)]
+    return 1.0 / torch.cat(z).float().std().item()
 
 
 def train_ae(cfg: Config):
     """Stage ae: the autoencoder by ae_loss; each checkpoint measures the scale factor."""
-    device, autocast, x, y, data = begin(cfg)
-    args = ae_args(cfg, x.shape[1], x.shape[-1])
+    device, autocast, x, _, data = begin(cfg)
+    args, x_test = ae_args(cfg, x.shape[1], x.shape[-1]), load_split(cfg, train=False)[0]
     ae = AutoencoderKL(**args["ae"]).to(device)
-    x_test = load_split(cfg, train=False)[0]
+    recon = lambda xb: ae.decode(ae.encode(xb)[0]).clamp(-1, 1)  # from the mean of q(z | x)
+    loss = lambda net, batch: dict(
+        zip(("loss", "rec", "kl"), ae_loss(net, batch[0], cfg.kl_weight))
+    )
 
-    def loss(net, batch):
-        loss, rec, kl = ae_loss(net, batch[0], cfg.kl_weight)
-        return dict(loss=loss, rec=rec, kl=kl)
-
-    def state(saving):
-        if saving:  # the scale factor of the weights being saved
+    def state(saving):  # the scale factor of the weights being saved
+        if saving:
             ae.scale_factor.fill_(latent_scale(ae, x, device))
         return dict(image_shape=list(x.shape[1:]), scale_factor=ae.scale_factor.item())
 
-    def picture(done, ae):  # test images (odd rows) over their reconstructions (even rows)
+    @torch.no_grad()
+    def picture(done, _):  # test images (odd rows) over their reconstructions (even rows)
         k = min(8, len(x_test))
         xt = to_float(x_test[: 32 // k * k], device).view(-1, k, *x.shape[1:])  # (rows, k, ...)
-        rows = torch.stack([xt, reconstruct(ae, xt.flatten(0, 1)).view_as(xt)], 1)
-        common.save_grid(rows.flatten(0, 2), Path(cfg.out) / f"recon_{done:06d}.png", nrow=k)
+        rows = torch.stack([xt, recon(xt.flatten(0, 1)).view_as(xt)], 1).flatten(0, 2)
+        common.save_grid(rows, Path(cfg.out) / f"recon_{done:06d}.png", nrow=k)
 
-    latents = (cfg.z_ch, x.shape[2] // cfg.f, x.shape[3] // cfg.f)
-    note = f"images {tuple(x.shape)} -> latents {latents}"
-    stage = Stage("ae.pt", ae, args, loss, state, picture, note=note)
-    if run_stage(cfg, stage, data, device, autocast) == cfg.steps and common.rank() == 0:
-        x = torch.cat([to_float(b, device) for b in x_test.split(500)])
-        mse = ((torch.cat([reconstruct(ae, b) for b in x.split(500)]) - x) / 2).square()
-        psnr = (-10 * torch.log10(mse.flatten(1).mean(1).clamp(min=1e-10))).mean()
+    done = run_stage(cfg, Stage("ae.pt", ae, args, loss, state, picture), data, device, autocast)
+    if done == cfg.steps and common.rank() == 0:
+        with torch.no_grad():
+            xt = to_float(x_test, device)
+            mse = ((torch.cat([recon(b) for b in xt.split(500)]) - xt) / 2).square().flatten(1)
+        psnr = (-10 * mse.mean(1).clamp(min=1e-10).log10()).mean()  # pixels as [0, 1]
         print(f"test PSNR {psnr:.2f} dB, scale_factor {ae.scale_factor.item():.4f}")
     return ae
 
 
 def conditions(cfg: Config, x_u8, y):
-    """What the context is made from: labels, or for text a caption maker; and the stage state
-    the checkpoint keeps for sampling (tertiles, held-out test prompts, test layouts, ...)."""
-    if cfg.cond == "layout":  # up to 2,500 test layouts, so --sample needs no data
-        return None, {"test_layouts": load_split(cfg, train=False)[1][:2500].tolist()}
+    """The contexts c of the training images (labels, box tokens, or for text a caption maker
+    make(idx, phrasing draws)) and what the checkpoint keeps for sampling: tertiles, held-out
+    test prompts, test layouts, ..."""
+    if cfg.cond == "layout":  # box tokens, and up to 2,500 test layouts: --sample needs no data
+        test = load_split(cfg, train=False)[1][:2500].tolist()
+        return layout_tokens(y, x_u8.shape[-1], cfg.grid), {"test_layouts": test}
     if cfg.cond == "sr" and x_u8.shape[-1] % cfg.sr_factor:
         common.die(f"--sr-factor {cfg.sr_factor} does not divide the image size {x_u8.shape[-1]}")
     if cfg.cond != "text":
-        return None, {}
+        return y, {}
     if cfg.dataset.startswith("folder:"):
         caps = [str(v) for v in folder_metadata(cfg.dataset[len("folder:") :], "text")]
         return (lambda idx, r: [caps[i] for i in idx.tolist()]), {"test_prompts": caps[:100]}
@@ -945,88 +936,76 @@ def train_ldm(cfg: Config):
     """Stage ldm: the U-Net and context encoder by ldm_loss on scaled latents (or pixels)."""
     device, autocast, x, y, data = begin(cfg)
     ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt") if cfg.resume else {}  # its own AE copy
-    ae, ae_a, shape = first_stage(cfg, device, x, ck if "ae" in ck else None)
-    task, n_grid = cfg.cond, 40  # the fixed grid: 40 samples
-    labels = y[..., 0] if task == "layout" else y
+    ae, ae_a, shape = None, None, list(x.shape[1:])
+    if not cfg.pixel:
+        ae, ae_a, shape = first_stage(cfg, device, ck if "ae" in ck else None, x)
+    task, labels = cfg.cond, (y[..., 0] if cfg.cond == "layout" else y)
     n_classes = max(int(labels.max()) + 1, 10 if cfg.dataset.startswith("mnist") else 1)
-    captions, extra = conditions(cfg, x, y)
-    y = layout_tokens(y, x.shape[-1], cfg.grid) if task == "layout" else y  # (N, K, 5) contexts
-    args = ldm_args(
-        cfg, shape[0], n_classes, {"sr": x.shape[1], "inpaint": shape[0] + 1}.get(task, 0)
-    )
+    c_all, extra = conditions(cfg, x, y)  # contexts, or the caption maker
+    concat_ch = {"sr": x.shape[1], "inpaint": shape[0] + 1}.get(task, 0)
+    args = ldm_args(cfg, shape[0], n_classes, concat_ch)
     if ae is not None:
-        args["ae"] = {k: v for k, v in ae_a.items() if k != "image_shape"}
-        extra |= dict(ae=ae, scale_factor=ae.scale_factor.item(), image_shape=ae_a["image_shape"])
-    model = LDM(**args["ldm"]).to(device)
-    sched = make_schedule(cfg.T, cfg.schedule, device=device)
-    stats = encode_all(ae, x, device) if ae is not None else None
+        args["ae"] = ae_a
+        extra |= dict(ae=ae, scale_factor=ae.scale_factor.item(), image_shape=list(x.shape[1:]))
+    model, sched = LDM(**args["ldm"]).to(device), make_schedule(cfg.T, cfg.schedule, device)
+    draw = latents(ae, x, device) if ae is not None else None
 
     def loss(net, batch):  # z_0 ~ q(z | x) scaled (or x_0), its context, L_simple
         xb, idx = batch
-        x0 = xb if ae is None else draw_latents(ae, stats, idx)
-        if task == "text":  # each caption's phrasing from the training RNG
-            c = tokenize(captions(idx, torch.rand(len(idx)).tolist()), cfg.max_len).to(device)
-        else:
-            c = y[idx]  # labels or box tokens
+        x0 = xb if ae is None else draw(idx)
+        c = c_all[idx] if task != "text" else None
+        if task == "text":  # each caption phrased by a draw of the training RNG
+            c = tokenize(c_all(idx, torch.rand(len(idx)).tolist()), cfg.max_len).to(device)
         concat = concat_input(task, ae, xb, cfg.sr_factor, shape[1:])  # sr, inpaint: an image
         return dict(loss=ldm_loss(net, sched, x0, c, cfg.p_uncond, concat))
 
-    # the fixed grid: noise, and conditions of test images, layouts, prompts or labels
-    g = torch.Generator().manual_seed(cfg.seed)
-    grid_c, grid_cc = torch.arange(n_grid) % n_classes, None
+    # the fixed grid: 40 from one noise, cycling labels, test layouts, prompts or test images
+    g, grid_cc, i = torch.Generator().manual_seed(cfg.seed), None, torch.arange(40)
+    grid_c = i % n_classes
     if task in ("sr", "inpaint"):
         x_test = load_split(cfg, train=False)[0]
-        x_grid = to_float(x_test[torch.arange(n_grid) % len(x_test)], device)
-        holes = random_masks(n_grid, x.shape[-1], g)
+        x_grid, holes = to_float(x_test[i % len(x_test)], device), random_masks(40, x.shape[-1], g)
         grid_cc = concat_input(task, ae, x_grid, cfg.sr_factor, shape[1:], holes)
     if task == "layout":
         boxes = torch.tensor(extra["test_layouts"])
-        grid_c = layout_tokens(boxes[torch.arange(n_grid) % len(boxes)], x.shape[-1], cfg.grid)
+        grid_c = layout_tokens(boxes[i % len(boxes)], x.shape[-1], cfg.grid)
     if task == "text":
-        prompts = extra["test_prompts"]
-        grid_c = tokenize([prompts[i % len(prompts)] for i in range(n_grid)], cfg.max_len)
-    x_T = torch.randn(n_grid, *shape, generator=g).to(device)
-    s = 1.0 if task in ("none", "sr", "inpaint") else 3.0  # the grid's guidance
+        grid_c = tokenize(
+            [extra["test_prompts"][k % len(extra["test_prompts"])] for k in i], cfg.max_len
+        )
+    x_T, s = (
+        torch.randn(40, *shape, generator=g).to(device),
+        1.0 if concat_ch or task == "none" else 3.0,
+    )
 
-    def picture(done, ema):
+    def picture(done, ema):  # the EMA model's samples at guidance s
         x = Sampler(ema, ae, sched, autocast, cfg.sample_steps)(x_T, grid_c.to(device), s, grid_cc)
         common.save_grid(x, Path(cfg.out) / f"samples_{done:06d}.png", nrow=10)
 
-    space = "pixels" if cfg.pixel else "latents"
-    state = lambda saving: dict(extra, shape=shape)
+    state = lambda saving: dict(extra, shape=shape)  # the autoencoder goes along
     warmup = max(1, min(cfg.warmup, cfg.steps // 20))
-    note = f"cond {cfg.cond}, {space} {tuple(shape)}"
-    stage = Stage("ckpt.pt", model, args, loss, state, picture, cfg.ema_decay, warmup, note)
+    stage = Stage("ckpt.pt", model, args, loss, state, picture, cfg.ema_decay, warmup)
     run_stage(cfg, stage, data, device, autocast)
     return model
-
-
-def encode_all(ae, x_u8, device):
-    """q(z | x) of every training image, once: (mean, std) on the device."""
-    with torch.no_grad():
-        stats = [ae.encode(to_float(x_u8[i : i + 500], device)) for i in range(0, len(x_u8), 500)]
-    return torch.cat([m for m, _ in stats]), torch.cat([(0.5 * lv).exp() for _, lv in stats])
-
-
-def draw_latents(ae, stats, idx):
-    """x_0 of the diffusion model: z ~ q(z | x) of the indexed images, times the scale factor."""
-    mean, std = stats[0][idx], stats[1][idx]
-    return ae.scale_factor * (mean + std * torch.randn_like(mean))
 
 
 def train_classifier(cfg: Config):
     """Stage classifier: p(y | x_t, t) by cross-entropy on noised latents (or pixels) at t ~ U."""
     device, autocast, x, y, data = begin(cfg)
-    ae, _, shape = first_stage(cfg, device, x)
+    ae, shape = None, list(x.shape[1:])
+    if not cfg.pixel:
+        ae, _, shape = first_stage(cfg, device, None, x)
     width, n_classes = (32 if cfg.tiny else 64), int(y.max()) + 1
     args = {"classifier": dict(in_ch=shape[0], ch=width, ch_mult=levels(cfg), n_classes=n_classes)}
-    clf = NoisyClassifier(**args["classifier"]).to(device)
-    sched = make_schedule(cfg.T, cfg.schedule, device=device)
-    stats = encode_all(ae, x, device) if ae is not None else None
+    clf, sched = (
+        NoisyClassifier(**args["classifier"]).to(device),
+        make_schedule(cfg.T, cfg.schedule, device),
+    )
+    draw = latents(ae, x, device) if ae is not None else None
 
     def loss(net, batch):  # x_t ~ q(x_t | x_0) at a random t, then cross-entropy
         xb, idx = batch
-        x0 = xb if ae is None else draw_latents(ae, stats, idx)  # the LDM's own inputs
+        x0 = xb if ae is None else draw(idx)  # the LDM's own inputs
         t = torch.randint(0, cfg.T, (len(x0),), device=device)  # every noise level alike
         logits = net(q_sample(sched, x0, t, torch.randn_like(x0)), t).float()
         acc = (logits.argmax(1) == y[idx]).float().mean()
@@ -1034,9 +1013,9 @@ def train_classifier(cfg: Config):
 
     # with the space it classifies, checked against ckpt.pt at sampling
     space = dict(pixel=cfg.pixel, scale_factor=1.0 if ae is None else ae.scale_factor.item())
-    note = f"inputs {tuple(shape)}"
-    stage = Stage("classifier.pt", clf, args, loss, lambda saving: space, note=note)
-    run_stage(cfg, stage, data, device, autocast)
+    run_stage(
+        cfg, Stage("classifier.pt", clf, args, loss, lambda saving: space), data, device, autocast
+    )
     return clf
 
 
@@ -1075,8 +1054,7 @@ class Sampler:
 
 
 def load_trained(cfg: Config):
-    """(Sampler of the EMA LDM, checkpoint, device) of <out>/ckpt.pt, rebuilt from its
-    model_args: no training flag has to be repeated."""
+    """(Sampler of the EMA LDM, checkpoint, device) of <out>/ckpt.pt, from its model_args."""
     ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt", need=("ema", "model_args", "shape"))
     if "ldm" not in ck["model_args"]:
         common.die(f"{cfg.out}/ckpt.pt is not a cfg_ldm.py checkpoint (no LDM in its model_args)")
@@ -1085,7 +1063,7 @@ def load_trained(cfg: Config):
     device, autocast = common.setup(cfg)
     model = LDM(**ck["model_args"]["ldm"]).to(device).eval()
     common.load_state(model, ck["ema"])
-    ae = load_ae(cfg, device, ck)[0] if "ae" in ck else None
+    ae = first_stage(cfg, device, ck)[0] if "ae" in ck else None
     sched = make_schedule(ck["config"]["T"], ck["config"]["schedule"], device=device)
     return Sampler(model, ae, sched, autocast, cfg.sample_steps, cfg.eta), ck, device
 
@@ -1111,8 +1089,11 @@ def sampling_conditions(cfg: Config, ck: dict, kind: str, n_classes: int):
     if kind == "layout":
         size = (ck.get("image_shape") or ck["shape"])[-1]
         boxes = torch.tensor(ck["test_layouts"])
-        if cfg.layout:
-            boxes = pad_layouts(read_json(cfg.layout), cfg.layout)
+        if cfg.layout:  # a JSON file of layouts
+            try:
+                boxes = pad_layouts(json.loads(Path(cfg.layout).read_text()), cfg.layout)
+            except (OSError, ValueError) as e:
+                common.die(f"cannot read {cfg.layout} as JSON ({type(e).__name__}: {e})")
             check_layouts(boxes, size, n_classes, cfg.layout)
         boxes = boxes[idx % len(boxes)]
         return layout_tokens(boxes, size, ck["model_args"]["ldm"]["cond"]["grid"]), boxes, None, 0
@@ -1132,15 +1113,9 @@ def sampling_conditions(cfg: Config, ck: dict, kind: str, n_classes: int):
         return ids, labels, [a for _, a in named], cycle
     if cfg.prompt:
         common.die(f"--prompt needs a text model; this one has --cond {kind}")
-    try:
-        wanted = [int(v) for v in cfg.labels.split(",")] if cfg.labels else list(range(n_classes))
-    except ValueError:
-        common.die(f"--labels {cfg.labels!r}: comma-separated integers")
-    if not all(0 <= v < n_classes for v in wanted):
-        common.die(f"--labels {cfg.labels}: this model has classes 0-{n_classes - 1}")
-    labels = torch.tensor(wanted)[idx % len(wanted)]
+    labels = idx % n_classes  # 0, 1, ..., then again
     y = labels if kind == "class" or cfg.guide == "classifier" else None
-    return labels, y, None, len(wanted) if kind == "class" else 0
+    return labels, y, None, n_classes if kind == "class" else 0
 
 
 def sample(cfg: Config):
@@ -1151,10 +1126,8 @@ def sample(cfg: Config):
     kind, n_classes = smp.model.cond.kind, ck["model_args"]["ldm"]["cond"]["n_classes"]
     if kind in ("sr", "inpaint"):
         return sample_restoration(cfg, smp, ck, device)
-    if cfg.input or cfg.mask or cfg.uncond_paste:
-        common.die(
-            f"--input, --mask, --uncond-paste need an sr or inpaint model, not --cond {kind}"
-        )
+    if cfg.uncond_paste:
+        common.die(f"--uncond-paste is inpainting's baseline; this model has --cond {kind}")
     if cfg.layout and kind != "layout":
         common.die(f"--layout needs a layout model; this one has --cond {kind}")
     if cfg.guide == "classifier" and kind == "layout":
@@ -1184,8 +1157,8 @@ def sample(cfg: Config):
         common.save_samples(out, x, (y[..., 0], y) if kind == "layout" else y)
         if kind == "layout":  # the picture shows the boxes
             common.save_grid(draw_boxes(x[:64], y[:64]), out / "samples.png", nrow=8)
-        m = min(len(x) // max(cycle, 1), 10)
-        if cycle and m:  # the picture: one row per class (or prompt), m samples each
+        m = min(len(x) // max(cycle, 1), 10)  # the picture: a row per class (or prompt), m each
+        if cycle and m:
             rows = x[: m * cycle].view(m, cycle, *x.shape[1:]).transpose(0, 1).flatten(0, 1)
             common.save_grid(rows, out / "samples.png", nrow=m)
         row = {"scale": s, "guide": cfg.guide, "n": cfg.sample, "step": ck["step"]}
@@ -1201,34 +1174,6 @@ def sample(cfg: Config):
         path = Path(cfg.out) / f"guidance_{cfg.guide}.png"
         common.save_grid(torch.cat(blocks[:-1]), path, nrow=10)
         print(f"wrote {path}: a block per scale ({cfg.sweep}), same noise")
-
-
-def read_json(path: str):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        common.die(f"cannot read {path} as JSON ({type(e).__name__}: {str(e)[:100]})")
-
-
-def read_image(path: str, channels: int, size, flag: str):
-    """A user's image as (1, C, H, W) in [-1, 1]; a wrong size or channel count is an error.
-    channels 0: any image, read as grey (a mask)."""
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
-
-    try:
-        im = Image.open(path)
-        im.load()
-    except OSError as e:
-        common.die(f"--{flag} {path}: cannot read the image ({e})")
-    bands = len([b for b in im.getbands() if b != "A"])  # P (a palette) counts as one
-    if channels and bands != channels:
-        common.die(f"--{flag} {path}: {bands} channel(s), the model needs {channels}")
-    if (im.height, im.width) != tuple(size):
-        got, want = f"{im.height}x{im.width}", "x".join(map(str, size))
-        common.die(f"--{flag} {path}: the image is {got}, it must be {want}")
-    im = im.convert("L" if channels in (0, 1) else "RGB")
-    return pil_to_tensor(im)[None].float() / 127.5 - 1
 
 
 def paste_known(x, hole, fill):
@@ -1257,10 +1202,8 @@ def sample_restoration(cfg: Config, smp: Sampler, ck: dict, device):
     into samples.npz: arr_0 the outputs, arr_1 the digits' labels, arr_2 the conditions (sr: the
     low-res inputs; inpaint: the masks, 1 = hole), arr_3 the originals, which evaluate.py
     --restoration scores beside bicubic or mean fill; samples.png rows input | output | original.
-    --uncond-paste: the unconditional model with paste-back instead, into <out>/uncond_paste/.
-    --input (and --mask): one user image instead, into <out>/<name>_<task>.png."""
+    --uncond-paste: the unconditional model with paste-back instead, into <out>/uncond_paste/."""
     task, factor = smp.model.cond.kind, ck["config"]["sr_factor"]
-    C, H, W = ck.get("image_shape") or ck["shape"]
     g = torch.Generator(device).manual_seed(cfg.seed)
     if cfg.uncond_paste and task != "inpaint":
         common.die("--uncond-paste is inpainting's baseline; this model has --cond sr")
@@ -1271,26 +1214,9 @@ def sample_restoration(cfg: Config, smp: Sampler, ck: dict, device):
         s = 0.0 if cfg.uncond_paste else cfg.restore_guidance  # s = 0: eps_u
         return smp(x_T, c, s, cc, g=g, after=after)
 
-    def inpaint(x, hole):  # the known pixels pasted back after decoding
-        cc = inpaint_condition(smp.ae, x, hole)
-        after = repaint_paste(smp.sched, cc[:, :-1], 1 - hole, g) if cfg.uncond_paste else None
-        return paste_known(x, hole, run(cc, after))  # cc[:, :-1]: the masked image's latent
-
-    if task == "inpaint" and bool(cfg.input) != bool(cfg.mask):
-        common.die("--input and --mask go together for an inpainting model")
-    if cfg.input:  # sr: the input is the low-res image itself (a factor of 1 passes it on)
-        size = (H // factor, W // factor) if task == "sr" else (H, W)
-        x = read_image(cfg.input, C, size, "input").to(device)
-        if task == "sr":
-            out = run(sr_condition(x, 1, ck["shape"][1:]))
-        else:  # white in the mask: to fill
-            out = inpaint(x, (read_image(cfg.mask, 0, (H, W), "mask") > 0).float().to(device))
-        path = Path(cfg.out) / f"{Path(cfg.input).stem}_{task}.png"
-        common.save_grid(out, path, nrow=1)
-        return print(f"wrote {path}")
     x_u8, y = load_split(common.from_run(cfg, ck), train=False)
     idx = torch.arange(cfg.sample) % len(x_u8)
-    holes = random_masks(cfg.sample, W, torch.Generator().manual_seed(cfg.seed))  # test masks
+    holes = random_masks(cfg.sample, x_u8.shape[-1], torch.Generator().manual_seed(cfg.seed))
     outs, conds, shown = [], [], []
     for i in range(0, cfg.sample, cfg.batch_size):
         x = to_float(x_u8[idx[i : i + cfg.batch_size]], device)
@@ -1300,7 +1226,10 @@ def sample_restoration(cfg: Config, smp: Sampler, ck: dict, device):
             seen = F.interpolate(cond, scale_factor=factor, mode="nearest")
         else:
             cond = holes[i : i + len(x)].to(device)
-            out, seen = inpaint(x, cond), paste_known(x, cond, torch.zeros_like(x))
+            cc = inpaint_condition(smp.ae, x, cond)  # cc[:, :-1]: the masked image's latent
+            after = repaint_paste(smp.sched, cc[:, :-1], 1 - cond, g) if cfg.uncond_paste else None
+            out = paste_known(x, cond, run(cc, after))  # the known pixels, pasted back
+            seen = paste_known(x, cond, torch.zeros_like(x))
         outs.append(out.cpu())
         conds.append(cond.cpu())
         shown.append(torch.stack([seen, out, x], 1)[:8].cpu())  # (b, 3, C, H, W)

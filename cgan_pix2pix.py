@@ -7,10 +7,9 @@ min_G max_D E[log D(x, c)] + E[log(1 - D(G(z, c), c))]. Shared: D returns logits
 are BCE-with-logits; G takes the non-saturating loss; one D step on reals and detached fakes, then
 one G step through the updated, frozen D; Adam 2e-4 (0.5, 0.999); BatchNorm eps 1e-5.
 --task cgan: c is a class label. G is a DCGAN on [z, embedding(y)]; D is a DCGAN with a projection
-head, D(x, y) = psi(phi(x)) + e_y . phi(x) (Miyato & Koyama Eq. 3), chosen over concatenating the
-label to D's input or features because it is the form the optimal D takes when p(y | x) is
-log-linear in the features (their Sec. 3), it cannot ignore the label the way a concatenated
-input can, and the paper measured better class fidelity with it; it costs one embedding.
+head, D(x, y) = psi(phi(x)) + e_y . phi(x) (Miyato & Koyama Eq. 3): the optimal D's form when
+p(y | x) is log-linear in the features (their Sec. 3); unlike a label concatenated to D's input
+it cannot be ignored, and it costs one embedding.
 --task pix2pix: c is an input image. G is a U-Net (skips at every scale, dropout as the noise z);
 D is a PatchGAN on (input, output) pairs that classifies each 70x70 patch; G minimises
 L_cGAN + lambda L_L1 (Eq. 4, lambda = 100), D's loss is halved, and the learning rate decays
@@ -283,7 +282,7 @@ def translate(G, x, batch=64):
 def mnist_edges(cfg, train: bool):
     """The built-in paired task: A = a digit's edge map (morphological gradient, dilation minus
     erosion, thresholded), B = the digit; both padded 28 -> 32 so the U-Net reaches 1x1."""
-    x, y = common.load_digits(cfg, train)
+    x, y = common.load_images(cfg, train, digits=True)
     b = F.pad(x, (2, 2, 2, 2))  # (N, 1, 32, 32) uint8
     f = b.float() / 255
     edge = F.max_pool2d(f, 3, 1, 1) + F.max_pool2d(-f, 3, 1, 1)  # max over 3x3 - min over 3x3
@@ -348,10 +347,7 @@ def check_flags(cfg: Config):
     resolves the task's default dataset."""
     cfg.dataset = cfg.dataset or ("mnist" if cfg.task == "cgan" else "mnist-edges")
     if cfg.task == "pix2pix" and cfg.dataset not in ("mnist-edges", "aligned"):
-        common.die(
-            f"--dataset {cfg.dataset!r} for pix2pix: mnist-edges or aligned "
-            "(A|B pairs in --data-dir/train, val)"
-        )
+        common.die(f"--dataset {cfg.dataset!r} for pix2pix: mnist-edges or aligned (A|B pairs)")
     if cfg.task == "cgan" and cfg.dataset in ("mnist-edges", "aligned", "celeba"):
         common.die(f"--dataset {cfg.dataset!r} has no class labels for --task cgan")
     if cfg.patch and cfg.patch not in PATCH:
@@ -361,9 +357,7 @@ def check_flags(cfg: Config):
 def cgan_args(cfg: Config, ch: int, size: int, n_classes: int) -> dict:
     """The cGAN's G and D constructor arguments (saved as model_args)."""
     if not stages(size):
-        common.die(
-            f"image size {size} does not fit DCGAN (16, 28, 32, 48, 64, ...); set --image-size"
-        )
+        common.die(f"image size {size} does not fit DCGAN (16, 28, 32, 48, 64, ...): --image-size")
     ngf, ndf = (16, 16) if cfg.tiny else (cfg.ngf, cfg.ndf)
     G = dict(z_dim=cfg.z_dim, n_classes=n_classes, emb_dim=cfg.emb_dim, out_ch=ch, ngf=ngf)
     return {"G": dict(G, size=size), "D": dict(in_ch=ch, ndf=ndf, size=size, n_classes=n_classes)}
@@ -372,9 +366,7 @@ def cgan_args(cfg: Config, ch: int, size: int, n_classes: int) -> dict:
 def pix2pix_args(cfg: Config, in_ch: int, out_ch: int, size: int) -> dict:
     """pix2pix's U-Net and PatchGAN constructor arguments (saved as model_args)."""
     if size < 16 or size & (size - 1):
-        common.die(
-            f"image size {size} does not fit the U-Net (a power of two >= 16); set --image-size"
-        )
+        common.die(f"image size {size} does not fit the U-Net (a power of two >= 16): --image-size")
     rf = cfg.patch or (70 if size >= 128 else max(r for r in PATCH if r <= size // 2))
     if size // 2 ** PATCH[rf] < 3:
         common.die(f"--patch {rf} needs images of at least {3 * 2 ** PATCH[rf]} pixels, not {size}")

@@ -1,5 +1,4 @@
-"""Plumbing shared by the model files: config -> argparse, device/precision/DDP setup, data,
-EMA, image grids, atomic checkpoints with exact resume, logging, signals. No model lives here."""
+"""Plumbing of the model files: flags, device/DDP, data, EMA, grids, checkpoints, the loop."""
 
 import argparse
 import contextlib
@@ -22,9 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torchvision
-import torchvision.transforms as T
-from PIL import Image
 
 
 def die(msg: str, code: int = 2):
@@ -69,11 +65,7 @@ def field_help(cls) -> dict:
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """-h with every default (none shown when empty) and the description kept as written."""
-
-    def _get_help_string(self, action):
-        empty = action.default in ("", None, argparse.SUPPRESS)
-        return action.help if empty else super()._get_help_string(action)
+    """-h with every default, and the description as written."""
 
 
 def parse(cls, script: str, argv=None):
@@ -81,11 +73,10 @@ def parse(cls, script: str, argv=None):
     helps = field_help(cls)
     p = argparse.ArgumentParser(f"{script}.py", formatter_class=Help)
     for f in dataclasses.fields(cls):
-        kw = dict(default=f.default, help=helps.get(f.name, "").replace("%", "%%"))
-        if f.type in (bool, "bool"):
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+        default = argparse.SUPPRESS if f.default == "" else f.default  # no "(default: )" in -h
+        kw = dict(default=default, help=helps.get(f.name, "").replace("%", "%%"))
+        typed = dict(type={"int": int, "float": float, "str": str}.get(f.type, f.type))
+        kw |= dict(action=argparse.BooleanOptionalAction) if f.type in (bool, "bool") else typed
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
     flag = lambda a: a.split("=")[0]  # --batch_size=64 is --batch-size 64
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
@@ -118,9 +109,8 @@ interrupted = lambda *_: die("interrupted", code=130)  # Ctrl-C outside training
 
 def setup(cfg):
     """Pick the device, join DDP under torchrun, seed per rank, TF32; return (device, autocast)."""
-    avail = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
-    if cfg.device == "auto":
-        cfg.device = next(d for d in ("cuda", "mps", "cpu") if avail[d])
+    avail = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
+    cfg.device = next(d for d in avail if avail[d]) if cfg.device == "auto" else cfg.device
     if not avail.get(cfg.device):
         die(f"--device {cfg.device} is unknown or not available here (auto, cpu, cuda, mps)")
     device = torch.device(cfg.device)
@@ -180,32 +170,36 @@ def folder_files(path: str) -> list:
     return files
 
 
-def fetch(cfg, train: bool, tf):
+def fetch(cfg, name: str, train: bool, tf):
     """torchvision's split, downloaded when missing; None where mnist falls back to mnist-12k."""
-    (cls, where, _), root = SETS[cfg.dataset], Path(cfg.data_dir)
+    from torchvision import datasets  # here: importing torchvision takes seconds
+
+    (cls, where, _), root = SETS[name], Path(cfg.data_dir)
     split = {"split": "train" if train else "test"} if cls == "CelebA" else {"train": train}
     new = [d for d in [root / where, *(root / where).parents] if not d.exists()]
     try:  # torchvision prints each mirror it fails to reach: the error below says it once
         with contextlib.redirect_stdout(io.StringIO()):
-            ds = getattr(torchvision.datasets, cls)
-            return ds(root, **split, transform=tf, download=cfg.download)
+            return getattr(datasets, cls)(root, **split, transform=tf, download=cfg.download)
     except (RuntimeError, OSError) as e:  # missing files, or no network to fetch them
         if new and new[-1].is_dir():  # leave no folder (or partial file) behind
             shutil.rmtree(new[-1])
         cause = ([s.strip() for s in str(e).splitlines() if s.strip()] or [type(e).__name__])[-1]
-    if cfg.dataset == "mnist" and cfg.download:
+    if name == "mnist" and cfg.download:
         msg = f"mnist: no files in {cfg.data_dir} and no network ({cause[:60]}): using the "
         print(msg + "12,500 digits shipped in data/ (--dataset mnist-12k)", file=sys.stderr)
         return None
     why = f"it cannot be downloaded ({cause[:100]})" if cfg.download else "--no-download"
-    die(f"{cfg.dataset} not found in {root} and {why}: put the files in {root / where} or pass "
-        "--data-dir DIR")  # fmt: skip
+    die(f"{name} not found in {root} and {why}: put the files in {root / where} or --data-dir DIR")
 
 
-def load_images(cfg, train: bool = True, size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split as uint8 (N, C, H, W) and labels (CelebA's: its 40 attributes). mnist with no
-    files and no network falls back to mnist-12k in one line, set in cfg.dataset (and the ckpt)."""
-    name, pil = cfg.dataset, None
+def load_images(cfg, train=True, size=0, digits=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split as uint8 (N, C, H, W) and labels (CelebA's: its 40 attributes); digits: the
+    28x28 digits of a built-in mnist-* task, from --digits. mnist with no files and no network
+    falls back to mnist-12k in one line, kept in cfg.dataset (or .digits), so in the checkpoint."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    name, pil, size = (cfg.digits, None, 28) if digits else (cfg.dataset, None, size)
     if name.startswith("folder:"):  # RGB; the images' own size when they share one
         try:
             pil = [(Image.open(f).convert("RGB"), label) for f, label in folder_files(name[7:])]
@@ -226,21 +220,13 @@ def load_images(cfg, train: bool = True, size: int = 0) -> tuple[torch.Tensor, t
     tf = T.Compose(crop + [T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
     if pil is not None:
         ds = [(tf(im), label) for im, label in pil]
-    elif (ds := fetch(cfg, train, tf)) is None:
-        cfg.dataset = "mnist-12k"
-        return load_images(cfg, train, size)
+    elif (ds := fetch(cfg, name, train, tf)) is None:
+        setattr(cfg, "digits" if digits else "dataset", "mnist-12k")
+        return load_images(cfg, train, size, digits)
     workers = min(4, os.cpu_count()) if len(ds) > 20000 else 0
     g = torch.Generator()  # its own seed draw: loading data never moves the global RNG
     xs, ys = zip(*torch.utils.data.DataLoader(ds, 500, num_workers=workers, generator=g))
     return torch.cat(xs), torch.cat(ys)
-
-
-def load_digits(cfg, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """28x28 digits for a built-in mnist-* task, from --digits (a fallback is kept in it)."""
-    src = dataclasses.replace(cfg, dataset=cfg.digits)
-    x, y = load_images(src, train, size=28)
-    cfg.digits = src.dataset
-    return x, y
 
 
 class Batches:
@@ -296,9 +282,10 @@ class EMA:
 
 def save_grid(x: torch.Tensor, path, nrow: int = 8, value_range=(-1, 1)):
     """Save (N, C, H, W) images, in [-1, 1] unless `value_range` says otherwise, as a PNG grid."""
+    from torchvision.utils import save_image
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    x = x.detach().float().cpu()
-    torchvision.utils.save_image(x, path, nrow=nrow, normalize=True, value_range=value_range)
+    save_image(x.detach().float().cpu(), path, nrow=nrow, normalize=True, value_range=value_range)
 
 
 def save_samples(out, x: torch.Tensor, y=None, nrow=None, value_range=(-1, 1)):
@@ -306,8 +293,7 @@ def save_samples(out, x: torch.Tensor, y=None, nrow=None, value_range=(-1, 1)):
     lo, hi = value_range
     u8 = ((x.float().clamp(lo, hi) - lo) * 255 / (hi - lo)).round().to(torch.uint8)
     Path(out).mkdir(parents=True, exist_ok=True)
-    ys = list(y) if isinstance(y, (list, tuple)) else [y]  # arr_1, arr_2, ...
-    labels = [v.cpu().numpy() for v in ys if v is not None]
+    labels = [v.cpu().numpy() for v in (y if isinstance(y, list | tuple) else [y]) if v is not None]
     np.savez(Path(out) / "samples.npz", u8.permute(0, 2, 3, 1).cpu().numpy(), *labels)  # NHWC
     nrow = nrow or int(math.sqrt(min(len(x), 256)))
     save_grid(x[:256], Path(out) / "samples.png", nrow, value_range)
@@ -366,21 +352,19 @@ def resume(cfg, data: Batches, need=(), name="ckpt.pt") -> dict:
 
 
 # --- the training loop's plumbing: log lines, the nan guard, checkpoints, signals
-def due(step: int, every: int, last: int, first: int = 0) -> bool:
-    """Is a periodic job due after `step`: every `every` steps, at the last step and at `first`."""
-    return step in (last, first) or (every > 0 and step % every == 0)
+# is a periodic job due after `step`: every `every` steps (0: never), at the last and at `first`
+due = lambda step, every, last, first=0: step in (last, first) or (every > 0 and step % every == 0)
 
 
 class Loop:
-    """Log lines, checkpoints, and SIGINT/SIGTERM as a flag: the loop saves at the next step
-    boundary and stops (a second signal exits at once)."""
+    """Log lines, checkpoints, and SIGINT/SIGTERM as a flag: save at the next step, then stop."""
 
     def __init__(self, cfg, data: Batches, start_step: int, name="ckpt.pt", images=None):
         self.cfg, self.data, self.name = cfg, data, name  # the checkpoint: <out>/<name>
-        self.flag = False  # set by a signal
-        self.sums, self.n = {}, 0  # losses since the last log line
+        self.flag, self.sums, self.n = False, {}, 0  # set by a signal; losses since the last log
         self.t0, self.step0, self.first = time.time(), start_step, True  # the img/s clock
         self.img0 = start_step * cfg.batch_size if images is None else images  # images shown
+        self.kept = f"the last good checkpoint in {cfg.out} is kept; try a lower --lr"  # exit 1
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self.handle)
 
@@ -401,11 +385,8 @@ class Loop:
         vals = all_reduce(torch.stack(list(self.sums.values())) / self.n) / world()
         vals = dict(zip(self.sums, vals.tolist()))
         if not all(map(math.isfinite, vals.values())):
-            self.fail(f"loss is not finite near step {step} ({vals})")
+            die(f"loss is not finite near step {step} ({vals}); stopped: {self.kept}", 1)
         return vals
-
-    def fail(self, what: str):  # exit 1: not bad input, a diverged run
-        die(f"{what}; stopped, the last good checkpoint in {self.cfg.out} is kept: lower --lr?", 1)
 
     def log(self, step: int, images=None, **extra):
         """`images`: the count shown so far, for a run whose batch size changes (progan.py)."""
@@ -447,14 +428,13 @@ class Loop:
         return stop
 
     def checkpoint(self, step: int, **state):
-        """<out>/<name>: `state` (modules, optimizers), step, data position, every rank's RNG,
-        config; a non-finite loss or weight stops the run before it replaces a good one."""
+        """<out>/<name>: `state`, step, data position, RNGs, config; never a non-finite one."""
         self.check(step)
         state = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
         for k, sd in state.items():
             tensors = [t for t in sd.values() if torch.is_tensor(t)] if isinstance(sd, dict) else []
             if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
-                self.fail(f"{k} has non-finite weights at step {step}")
+                die(f"{k} has non-finite weights at step {step}; stopped: {self.kept}", 1)
         npst, cuda = np.random.get_state(), torch.cuda.is_available()
         rngs = [{  # plain types: weights_only loads them, and the ranks gather them
             "python": random.getstate(),

@@ -316,7 +316,7 @@ def morph(x_u8, radius: int):
 def mnist_thickness(cfg, train: bool):
     """uint8 (A, B, yA, yB): A thin digits (eroded by half a pixel), B thick (dilated as much);
     training A from even-numbered digits, B from odd (no pairs); test: A[i], B[i] a pair."""
-    x, y = common.load_digits(cfg, train)
+    x, y = common.load_images(cfg, train, digits=True)
     if train:
         return morph(x[0::2], -1), morph(x[1::2], 1), y[0::2], y[1::2]
     return morph(x, -1), morph(x, 1), y, y

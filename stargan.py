@@ -247,7 +247,7 @@ def mnist_styles(cfg, train: bool):
     """The built-in task: each digit padded to 32x32, its ink in one channel (red, green or
     blue: an exclusive group) and dilated or not ("thick"), drawn from a fixed seed per split,
     so the labels are exact. Returns uint8 (N, 3, 32, 32), attributes (N, 4), digit labels."""
-    x, y = common.load_digits(cfg, train)
+    x, y = common.load_images(cfg, train, digits=True)
     g = torch.Generator().manual_seed(0 if train else 1)
     colour = torch.randint(3, (len(x),), generator=g)  # (N,): 0 red, 1 green, 2 blue
     thick = torch.randint(2, (len(x),), generator=g)  # (N,): independent of the colour
@@ -491,7 +491,7 @@ def sample(cfg: Config):
 def style_scores(cfg, out, c_trg, names, n) -> dict:
     """mnist-styles, from the pixels: colour = the channel with the most ink; thick = more ink
     than halfway between the plain and the dilated rendering of the same test digit."""
-    digits, _ = common.load_digits(cfg, False)
+    digits, _ = common.load_images(cfg, False, digits=True)
     ink = ((out + 1) / 2).clamp(0, 1).sum((2, 3))  # (n, 3): ink per channel
     res, zero = {}, torch.zeros(n, dtype=torch.long)
     if {"red", "green", "blue"} <= set(names):

@@ -11,6 +11,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # workers share the cores: one torch thread each
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def write_idx_mnist(root: Path, n_train=256, n_test=64, seed=0):

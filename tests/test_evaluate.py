@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, assert_one_line_error, run
+from conftest import ROOT, assert_dies, assert_one_line_error, run
 
 import evaluate as E
 
@@ -67,24 +67,20 @@ def test_classifier_scores_closed_forms():
     assert s["is"] == pytest.approx(1) and s["label_entropy"] == pytest.approx(0)
 
 
-def test_malformed_samples_are_one_line_errors(tmp_path):
+def test_malformed_samples_are_one_line_errors(tmp_path, capsys):
+    """One CLI call for the contract (exit 2, one line); the other checks in-process."""
     np.savez(tmp_path / "bad.npz", np.zeros((4, 28, 28), np.float32))
-    off = ["--no-download", "--data-dir", tmp_path]
+    off = ["--no-download", "--data-dir", str(tmp_path)]
     assert_one_line_error(run("evaluate.py", tmp_path / "bad.npz", *off, check=False), "uint8")
+    main = lambda *a: lambda: E.main([str(v) for v in a])
     (tmp_path / "junk.npz").write_bytes(b"junk")
-    assert_one_line_error(
-        run("evaluate.py", tmp_path / "junk.npz", *off, check=False), "cannot read"
-    )
-    assert_one_line_error(
-        run("evaluate.py", tmp_path / "missing.npz", *off, check=False), "no such file"
-    )
+    assert_dies(capsys, main(tmp_path / "junk.npz", *off), "cannot read")
+    assert_dies(capsys, main(tmp_path / "missing.npz", *off), "no such file")
     np.savez(tmp_path / "ok.npz", np.zeros((4, 28, 28, 1), np.uint8))
-    assert_one_line_error(
-        run("evaluate.py", tmp_path / "ok.npz", *off, check=False), "mnist not found in"
-    )
-    assert_one_line_error(
-        run("evaluate.py", tmp_path / "ok.npz", "--epochs", "0", check=False), "--epochs 0"
-    )
+    assert_dies(capsys, main(tmp_path / "ok.npz", *off), "mnist not found in")
+    assert_dies(capsys, main(tmp_path / "ok.npz", "--epochs", "0"), "--epochs 0")
+    assert_dies(capsys, main("--real", "--restoration", "sr"), "--restoration")
+    assert_dies(capsys, main(tmp_path / "ok.npz", "--restoration", "sr", *off), "arr_2")
 
 
 def test_box_scores_crop_each_box_and_weigh_ink_outside():

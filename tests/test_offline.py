@@ -82,7 +82,10 @@ def test_mnist_falls_back_to_the_shipped_digits_and_records_it(tmp_path, monkeyp
     assert not (tmp_path / "data").exists()  # no folder, no partial file left behind
     cfg = common.Config(data_dir=str(tmp_path / "data"))
     cfg.digits = "mnist"
-    assert common.load_digits(cfg)[0].shape == (10000, 1, 28, 28) and cfg.digits == "mnist-12k"
+    assert (
+        common.load_images(cfg, digits=True)[0].shape == (10000, 1, 28, 28)
+        and cfg.digits == "mnist-12k"
+    )
     assert "--dataset mnist-12k" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         common.load_images(common.Config(data_dir=str(tmp_path / "data"), download=False))

@@ -68,7 +68,9 @@ REBUILD = {
 }
 
 
-@pytest.mark.parametrize("script", MODELS)
+@pytest.mark.parametrize(  # ddpm_ddim's DDIM-50 grids take half a minute: the slow lane
+    "script", [pytest.param(m, marks=pytest.mark.slow) if m == "ddpm_ddim" else m for m in MODELS]
+)
 def test_five_image_flat_folder_checkpoint_pictures_and_rebuild(script, tmp_path):
     """5 images, --batch-size 4: training ends with a checkpoint and its pictures (the pictures
     come after the checkpoint); the folder's own 32 px size is kept; the network rebuilds from
@@ -93,7 +95,7 @@ def test_five_image_flat_folder_checkpoint_pictures_and_rebuild(script, tmp_path
         loaded = mod.load_stage1(cfg, torch.device("cpu"))[0]
     else:
         loaded = mod.load_trained(cfg)[0]
-    loaded.eval()
+    loaded = getattr(loaded, "model", loaded).eval()  # cfg_ldm: its Sampler holds the LDM
     torch.manual_seed(0)
     if script in ("gan", "cgan_pix2pix"):
         z = torch.randn(3, ck["model_args"]["G"]["z_dim"])
