@@ -5,7 +5,7 @@ Sample quality: FID, KID, precision/recall, and classifier scores for a samples.
   python evaluate.py --real --dataset mnist-12k                      # the floor: real vs real
 
 Features. Digits (mnist, fashion): a small CNN that this file trains on the train split
-(deterministic; 4-6 minutes on 2 CPU cores, a line per epoch), cached under --cache-dir with its
+(deterministic on one machine; 3.4 minutes on 2 CPU cores, a line per epoch), cached under --cache-dir with its
 test accuracy, and reused; its 128-d penultimate layer is the feature space. RGB datasets:
 torchvision's Inception-v3 pool features (2048-d), from its weights file when present. A FID in
 the CNN's space ("FID-CNN") is comparable across runs of this repository, not with papers'
@@ -176,7 +176,7 @@ def digit_net(args, x_train, y_train, x_test, y_test):
         return net.eval(), ck["test_acc"]
     print(
         f"training the {args.dataset} feature classifier on {len(x_train)} images (once; "
-        f"4-6 minutes on 2 CPU cores), cached in {path}",
+        f"about 3.5 minutes on 2 CPU cores), cached in {path}",
         file=sys.stderr,
     )
     net = train_classifier(x_train, y_train, args.epochs)
