@@ -4,12 +4,12 @@ Sample quality: FID, KID, precision/recall, and classifier scores for a samples.
   python evaluate.py runs/ddpm_ddim/samples.npz --dataset mnist-12k
   python evaluate.py --real --dataset mnist-12k                      # the floor: real vs real
 
-Features. Digits (mnist, fashion): a small CNN that this file trains on the train split
-(deterministic on one machine; 3.4 minutes on 2 CPU cores, a line per epoch), cached under --cache-dir with its
-test accuracy, and reused; its 128-d penultimate layer is the feature space. RGB datasets:
-torchvision's Inception-v3 pool features (2048-d), from its weights file when present. A FID in
-the CNN's space ("FID-CNN") is comparable across runs of this repository, not with papers'
-Inception FIDs.
+Features. Digits (mnist, mnist-12k, fashion): a small CNN that this file trains on the train
+split (deterministic on one machine; 3.4 minutes on 2 CPU cores, a line per epoch), cached under
+--cache-dir with its test accuracy, and reused; its 128-d penultimate layer is the feature space.
+RGB datasets: torchvision's Inception-v3 pool features (2048-d), from its weights file when
+present. A FID in the CNN's space ("FID-CNN") compares runs scored by the same classifier, not
+papers' Inception FIDs.
 
 Metrics, samples against the test split (--real: test split against the train split):
   fid        Frechet distance |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)
