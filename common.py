@@ -270,8 +270,8 @@ class EMA:
             dist.broadcast(t, 0)  # start from rank 0's init, as DDP's replicas do
 
     @torch.no_grad()
-    def update(self, model, step: int):
-        d = min(self.decay, (1 + step) / (10 + step))
+    def update(self, model, step: int, decay=None):  # decay: this step's, instead (no warm-up)
+        d = min(self.decay, (1 + step) / (10 + step)) if decay is None else decay
         pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
         floats = [(e, m) for e, m in pairs if e.is_floating_point()]
         torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1 - d)

@@ -9,12 +9,13 @@ as many images more. Most of the run is spent at low resolution, where steps are
 paper's stabilisers: equalised learning rate (weights ~ N(0, 1) scaled at run time by He's
 constant, Sec. 4.1), PixelNorm in G (Sec. 4.2), minibatch standard deviation in D (Sec. 3), WGAN-GP
 with a drift term (App. A.1). `--arch style` swaps in StyleGAN's generator (mapping network to w,
-a learned constant, AdaIN styles, noise inputs, style mixing, truncation) and keeps ProGAN's D,
-loss and schedule; StyleGAN's own runs used a logistic loss with R1 instead, left out here.
-G's output is linear (no tanh); images in [-1, 1]; samples come from an EMA of G (decay 0.999).
+a learned constant, AdaIN styles, noise inputs, style mixing, truncation), `--arch style2` its
+StyleGAN2 layers (weight demodulation instead of AdaIN), on ProGAN's D and schedule; `--loss
+logistic` is StyleGAN's loss (non-saturating, lazy R1). G's output is linear; images in [-1, 1];
+samples come from an EMA of G with a half-life of 10k images (--ema-kimg, NVlabs').
 
   python progan.py --tiny --dataset mnist-12k                # MNIST padded to 32x32, CPU-sized
-  python progan.py --tiny --arch style --dataset mnist-12k
+  python progan.py --tiny --arch style2 --loss logistic --dataset mnist-12k  # docs/progan.md
   python progan.py --dataset folder:ffhq --image-size 256 --phase-kimg 600 \\
       --batch-sizes 4:128,8:128,16:128,32:64,64:32,128:16,256:8   # the paper's 1-GPU schedule
   python progan.py --sample 2500                             # EMA G at the resolution reached
@@ -44,18 +45,24 @@ class Config(common.Config):
     lr: float = 1e-3  # Adam, G and D (Sec. A.1)
     beta1: float = 0.0  # Adam (Sec. A.1)
     beta2: float = 0.99  # Adam (Sec. A.1)
-    lambda_gp: float = 10.0  # WGAN-GP
-    eps_drift: float = 0.001  # drift term eps E[D(x)^2] (App. A.1)
-    ema: float = 0.999  # G's EMA decay, for every picture and sample
-    arch: str = "pro"  # pro (ProGAN's G) | style (StyleGAN's G, same D and schedule)
+    loss: str = "wgan-gp"  # wgan-gp (ProGAN) | logistic (StyleGAN: non-saturating, R1 on reals)
+    lambda_gp: float = 10.0  # wgan-gp: the gradient penalty's weight
+    eps_drift: float = 0.001  # wgan-gp: drift term eps E[D(x)^2] (App. A.1)
+    r1_gamma: float = 10.0  # logistic: R1's gamma (StyleGAN's FFHQ configuration)
+    r1_every: int = 16  # logistic: R1 on every N-th D step, weighted N times (StyleGAN2's lazy R1)
+    ema_kimg: float = 10.0  # G's EMA half-life in thousands of images (NVlabs' G_smoothing_kimg)
+    arch: str = "pro"  # pro (ProGAN's G) | style (StyleGAN's) | style2 (StyleGAN2's demodulation)
     z_dim: int = 512  # latent size (and w's, for style); --tiny: 128
     fmap_base: int = 8192  # channels at resolution r: min(2 fmap_base / r, fmap_max); --tiny: 256
     fmap_max: int = 512  # --tiny: 64 (64, 64, 32, 16 channels at 4, 8, 16, 32 px)
     mbstd_group: int = 4  # minibatch stddev group size (Sec. 3)
     mixing: float = 0.9  # style: style mixing probability (StyleGAN Sec. 3.1)
+    map_layers: int = 8  # style: depth of the mapping network z -> w
+    map_lr: float = 0.01  # style: the mapping network's learning-rate multiplier
     psi: float = 1.0  # style, --sample: truncation toward the mean w (1: none)
-    at_least = dict(z_dim=1, fmap_max=1, mbstd_group=1, mixing=0, ema=0)
-    choices = dict(arch=("pro", "style"))
+    at_least = dict(z_dim=1, fmap_max=1, mbstd_group=1, mixing=0, ema_kimg=0, map_layers=1)
+    at_least |= dict(map_lr=1e-6, r1_gamma=0, r1_every=1)
+    choices = dict(arch=("pro", "style", "style2"), loss=("wgan-gp", "logistic"))
 
 
 # -----------------------------------------------------------------------------
@@ -96,8 +103,7 @@ def pixel_norm(x, eps=1e-8):
     return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + eps)
 
 
-def lrelu(x):
-    return F.leaky_relu(x, 0.2)
+lrelu = lambda x: F.leaky_relu(x, 0.2)  # the paper's slope
 
 
 def minibatch_stddev(x, group=4):
@@ -113,16 +119,10 @@ def minibatch_stddev(x, group=4):
     return torch.cat([x, y], 1)
 
 
-def channels(r: int, fmap_base: int, fmap_max: int) -> int:
-    return min(2 * fmap_base // r, fmap_max)  # the paper's code: fmap_base / 2^(log2 r - 1)
-
-
-def resolutions(size: int) -> list:
-    return [4 << i for i in range(int(math.log2(size)) - 1)]  # 4, 8, ..., size
-
-
-def upsample(x):
-    return F.interpolate(x, scale_factor=2, mode="nearest")
+# channels at resolution r, as the paper's code: fmap_base / 2^(log2 r - 1), at most fmap_max
+channels = lambda r, fmap_base, fmap_max: min(2 * fmap_base // r, fmap_max)
+resolutions = lambda size: [4 << i for i in range(int(math.log2(size)) - 1)]  # 4, 8, ..., size
+upsample = lambda x: F.interpolate(x, scale_factor=2, mode="nearest")
 
 
 class GBlock(nn.Module):
@@ -212,58 +212,82 @@ def blur(x):
 
 
 class StyleLayer(nn.Module):
-    """[upsample, blur,] conv3x3 (none on the constant), + per-pixel noise times learned per-channel
-    scales (B in Fig. 1b, zero at init), LReLU, then AdaIN: instance norm, x y_s + y_b with
-    (y_s, y_b) an affine map of w (A in Fig. 1b, y_s biased to 1)."""
+    """StyleGAN: [upsample, blur,] conv3x3 (none on the constant), + per-pixel noise times learned
+    per-channel scales (B in Fig. 1b, zero at init), LReLU, AdaIN: instance norm, x y_s + y_b, (y_s,
+    y_b) an affine map of w (A in Fig. 1b, y_s biased to 1): every channel's mean becomes y_b.
+    demod, StyleGAN2 (Sec. 2.2): the conv's weights modulated by s(w), w' = s_i w_ijk (Eq. 1), and
+    demodulated to unit norm per output channel (Eq. 3); noise, bias, LReLU; no normalisation."""
 
-    def __init__(self, cin: int, cout: int, w_dim: int, up=False, conv=True):
+    def __init__(self, cin: int, cout: int, w_dim: int, up=False, conv=True, demod=False):
         super().__init__()
-        self.up, self.conv = up, EqualizedConv2d(cin, cout, 3) if conv else None
+        self.up, self.conv = up, EqualizedConv2d(cin, cout, 3) if conv or demod else None
         self.noise_scale = nn.Parameter(torch.zeros(1, cout, 1, 1))
-        self.style = EqualizedLinear(w_dim, 2 * cout, gain=1)
+        self.demod = demod
+        self.style = EqualizedLinear(w_dim, cin if demod else 2 * cout, gain=1)
         with torch.no_grad():
-            self.style.bias[:cout] = 1  # y_s starts at 1: AdaIN starts as plain instance norm
+            self.style.bias[: cin if demod else cout] = 1  # s, y_s start at 1
 
     def forward(self, x, w, noise=None):
         if self.up:
             x = blur(upsample(x))
-        if self.conv is not None:
+        if self.demod:  # per-sample weights (B, cout, cin, 3, 3), as one grouped convolution
+            B, cin, H, W = x.shape
+            wt = demodulate(self.conv.weight * self.conv.c, self.style(w))
+            x = F.conv2d(x.reshape(1, B * cin, H, W), wt.flatten(0, 1), padding=1, groups=B)
+            x = x.view(B, -1, H, W) + self.conv.bias[:, None, None]  # (B, cout, H, W)
+        elif self.conv is not None:
             x = self.conv(x)
         if noise is None:
             noise = torch.randn(len(x), 1, *x.shape[2:], device=x.device, dtype=x.dtype)
         x = lrelu(x + self.noise_scale * noise)  # (B, C, H, W) + (1, C, 1, 1) (B, 1, H, W)
+        if self.demod:
+            return x
         ys, yb = self.style(w)[:, :, None, None].chunk(2, 1)  # (B, C, 1, 1) each
         return F.instance_norm(x.float(), eps=1e-8).to(x.dtype) * ys + yb
 
 
-class StyleBlock(nn.Module):
-    """The two StyleLayers of resolution 4 << i, styled by ws[2 i] and ws[2 i + 1]."""
+def demodulate(weight, s):
+    """Weights (cout, cin, k, k) modulated by styles s (B, cin), w' = s_i w_ijk (StyleGAN2 Eq. 1),
+    then scaled to unit L2 norm per sample and output channel (Eq. 3): (B, cout, cin, k, k)."""
+    wt = weight[None] * s[:, None, :, None, None]
+    return wt * torch.rsqrt(wt.float().pow(2).sum((2, 3, 4), keepdim=True) + 1e-8).to(wt.dtype)
 
-    def __init__(self, cin: int, cout: int, w_dim: int, i: int):
+
+def ema_decay(batch: int, ema_kimg: float) -> float:
+    """The EMA's decay for one batch: 0.5 per ema_kimg thousand images, whatever the batch."""
+    return 0.5 ** (batch / (1000 * ema_kimg)) if ema_kimg > 0 else 0.0
+
+
+class StyleBlock(nn.Module):
+    """The two StyleLayers of resolution 4 << i, styled by ws[2 i], ws[2 i + 1] (noise alike)."""
+
+    def __init__(self, cin: int, cout: int, w_dim: int, i: int, demod=False):
         super().__init__()
-        self.l1 = StyleLayer(cin, cout, w_dim, up=i > 0, conv=i > 0)  # 4x4: the constant
-        self.l2 = StyleLayer(cout, cout, w_dim)
+        self.l1 = StyleLayer(cin, cout, w_dim, up=i > 0, conv=i > 0, demod=demod)  # 4x4: const
+        self.l2 = StyleLayer(cout, cout, w_dim, demod=demod)
         self.i = i
 
-    def forward(self, x, ws):
-        return self.l2(self.l1(x, ws[2 * self.i]), ws[2 * self.i + 1])
+    def forward(self, x, ws, noise=None):
+        n1, n2 = (None, None) if noise is None else noise[2 * self.i : 2 * self.i + 2]
+        return self.l2(self.l1(x, ws[2 * self.i], n1), ws[2 * self.i + 1], n2)
 
 
 class StyleGenerator(nn.Module):
-    """StyleGAN's G on ProGAN's schedule: z -> 8-layer mapping MLP (lr x0.01) -> w; a learned 4x4
-    constant; two StyleLayers per resolution, each styled by its own w (style mixing: layers from
-    a random cutoff on take w2); truncation w_avg + psi (w - w_avg) on every layer at sampling;
-    the same toRGB and fade-in as ProGAN."""
+    """StyleGAN's G on ProGAN's schedule: z -> n_mlp-layer mapping MLP (learning rate x map_lr)
+    -> w; a learned 4x4 constant; two StyleLayers per resolution, each styled by its own w (style
+    mixing: layers from a random cutoff on take w2); truncation w_avg + psi (w - w_avg) on every
+    layer at sampling; the same toRGB and fade-in as ProGAN. demod: StyleGAN2's layers."""
 
-    def __init__(self, z_dim=512, size=32, img_ch=3, fmap_base=8192, fmap_max=512, n_mlp=8):
+    def __init__(self, z_dim=512, size=32, img_ch=3, fmap_base=8192, fmap_max=512, n_mlp=8,
+                 map_lr=0.01, demod=False):  # fmt: skip
         super().__init__()
         c = [channels(r, fmap_base, fmap_max) for r in resolutions(size)]
-        mlp = [EqualizedLinear(z_dim, z_dim, lr_mul=0.01) for _ in range(n_mlp)]  # w_dim = z_dim
+        mlp = [EqualizedLinear(z_dim, z_dim, lr_mul=map_lr) for _ in range(n_mlp)]  # w_dim = z_dim
         self.mapping = nn.ModuleList(mlp)
         self.const = nn.Parameter(torch.ones(1, c[0], 4, 4))
-        self.first = StyleBlock(c[0], c[0], z_dim, 0)
+        self.first = StyleBlock(c[0], c[0], z_dim, 0, demod)
         self.blocks = nn.ModuleList(
-            [StyleBlock(a, b, z_dim, i + 1) for i, (a, b) in enumerate(zip(c, c[1:]))]
+            [StyleBlock(a, b, z_dim, i + 1, demod) for i, (a, b) in enumerate(zip(c, c[1:]))]
         )
         self.to_rgb = nn.ModuleList([EqualizedConv2d(ch, img_ch, 1, gain=1) for ch in c])
         self.register_buffer("w_avg", torch.zeros(z_dim))  # tracked mean of w, for truncation
@@ -274,7 +298,7 @@ class StyleGenerator(nn.Module):
             w = lrelu(layer(w))
         return w  # (B, w_dim)
 
-    def forward(self, z, res: int, alpha=1.0, psi=1.0, z2=None, cutoff=0):
+    def forward(self, z, res: int, alpha=1.0, psi=1.0, z2=None, cutoff=0, noise=None):
         w = self.map(z)
         if self.training:  # StyleGAN's code: w_avg <- lerp(w_avg, mean w, 1 - 0.995)
             with torch.no_grad():
@@ -283,16 +307,23 @@ class StyleGenerator(nn.Module):
         ws = [w] * n
         if z2 is not None:  # style mixing: layers cutoff, ..., n - 1 take the second w
             ws = ws[:cutoff] + [self.map(z2)] * (n - cutoff)
-        return self.synthesis([self.truncate(v, psi) for v in ws], res, alpha)
+        return self.synthesis([self.truncate(v, psi) for v in ws], res, alpha, noise)
 
     def truncate(self, w, psi=1.0):
         """The truncation trick in W (StyleGAN Sec. 4.1): w_avg + psi (w - w_avg)."""
         return w if psi == 1 else self.w_avg + psi * (w - self.w_avg)
 
-    def synthesis(self, ws: list, res: int, alpha=1.0):
-        """One w (B, w_dim) per layer in use -> images (B, img_ch, res, res)."""
-        h = self.first(self.const.expand(len(ws[0]), -1, -1, -1), ws)  # (B, c, 4, 4)
-        return grow(h, self.blocks, self.to_rgb, res, alpha, ws)
+    def synthesis(self, ws: list, res: int, alpha=1.0, noise=None):
+        """One w (B, w_dim) per layer in use -> images (B, img_ch, res, res); noise: one (B, 1,
+        r, r) map per layer (None: drawn afresh)."""
+        h = self.first(self.const.expand(len(ws[0]), -1, -1, -1), ws, noise)  # (B, c, 4, 4)
+        return grow(h, self.blocks, self.to_rgb, res, alpha, ws, noise)
+
+    @staticmethod
+    def noise(n: int, res: int, generator=None, device=None) -> list:
+        """The noise inputs of n samples at resolution res: (n, 1, r, r) per layer, 2 per r."""
+        rs = [r for r in resolutions(res) for _ in range(2)]
+        return [torch.randn(n, 1, r, r, generator=generator, device=device) for r in rs]
 
 
 # -----------------------------------------------------------------------------
@@ -307,6 +338,11 @@ def phase(nimg: int, size: int, phase_kimg: float, batches: dict, batch=16, lr=1
     alpha = (nimg - i * n) / n if i % 2 == 1 and i < 2 * grows else 1.0
     res = 4 << k
     return res, alpha, batches.get(res, batch), lr
+
+
+def phase_index(nimg: int, size: int, phase_kimg: float) -> int:
+    """0: 4x4 stable, then 2k - 1 fading into and 2k stable at 4 * 2^k; the last stays."""
+    return min(nimg // max(1, round(phase_kimg * 1000)), 2 * int(math.log2(size)) - 4)
 
 
 def total_steps(size: int, phase_kimg: float, batches: dict, batch: int) -> int:
@@ -350,10 +386,31 @@ def d_step(D, opt_d, real, fake, alpha, lambda_gp=10.0, eps_drift=1e-3):
     return dict(w_dist=w_dist.detach(), gp=gp.detach(), drift=drift.detach())
 
 
-def g_step(D, opt_g, fake, alpha):
-    """L_G = -E D(G(z)), through D frozen (no weight gradients for it)."""
+def r1_penalty(real_s, real):
+    """R1 (Mescheder et al. 2018, Eq. 9 without gamma / 2): E |grad_x D(x)|^2 on the reals."""
+    (grad,) = torch.autograd.grad(real_s.sum(), real, create_graph=True)
+    return grad.float().flatten(1).pow(2).sum(1).mean()
+
+
+def d_step_logistic(D, opt_d, real, fake, alpha, gamma=0.0):
+    """StyleGAN's D loss: softplus(D(G(z))) + softplus(-D(x)) (Goodfellow et al.'s, on logits),
+    + gamma / 2 R1 (gamma 0: none this step; lazy R1 passes gamma times its interval)."""
+    real = real.detach().requires_grad_(gamma > 0)
+    real_s, fake_s = D(real, alpha).float(), D(fake.detach(), alpha).float()
+    loss = F.softplus(fake_s).mean() + F.softplus(-real_s).mean()
+    r1 = r1_penalty(real_s, real) if gamma > 0 else torch.zeros((), device=real.device)
+    opt_d.zero_grad(set_to_none=True)
+    (loss + gamma / 2 * r1).backward()
+    opt_d.step()
+    return dict(loss_d=loss.detach(), r1=r1.detach())
+
+
+def g_step(D, opt_g, fake, alpha, loss="wgan-gp"):
+    """L_G = -E D(G(z)) (wgan-gp) or E softplus(-D(G(z))) (logistic), through D frozen (no
+    weight gradients for it)."""
     D.requires_grad_(False)
-    loss = -D(fake, alpha).float().mean()
+    score = D(fake, alpha).float()
+    loss = F.softplus(-score).mean() if loss == "logistic" else -score.mean()
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
     opt_g.step()
@@ -402,10 +459,10 @@ def check_flags(cfg: Config):
     s = cfg.image_size
     if s < 8 or s & (s - 1):
         common.die(f"--image-size {s}: a power of two, at least 8")
-    if cfg.psi != 1 and cfg.arch != "style" and not cfg.sample:
+    if cfg.psi != 1 and cfg.arch == "pro" and not cfg.sample:
         common.die("--psi is StyleGAN's truncation: it needs --arch style")
-    if cfg.phase_kimg <= 0 or cfg.mixing > 1 or cfg.ema >= 1:
-        common.die("--phase-kimg > 0, --mixing in [0, 1] and --ema in [0, 1), please")
+    if cfg.phase_kimg <= 0 or cfg.mixing > 1:
+        common.die("--phase-kimg > 0 and --mixing in [0, 1], please")
     for b in {cfg.batch_size, *parse_batches(cfg.batch_sizes).values()}:
         per_rank = b // common.world()
         if b % common.world() or per_rank % min(cfg.mbstd_group, per_rank):
@@ -416,17 +473,19 @@ def model_args(cfg: Config, ch: int) -> dict:
     """G's and D's constructor arguments (saved as model_args)."""
     z, fbase, fmax = (128, 256, 64) if cfg.tiny else (cfg.z_dim, cfg.fmap_base, cfg.fmap_max)
     net = dict(size=cfg.image_size, img_ch=ch, fmap_base=fbase, fmap_max=fmax)
-    return {"G": dict(net, z_dim=z), "D": dict(net, group=cfg.mbstd_group)}
+    style = dict(n_mlp=cfg.map_layers, map_lr=cfg.map_lr, demod=cfg.arch == "style2")
+    G = dict(net, z_dim=z, **(style if cfg.arch != "pro" else {}))
+    return {"G": G, "D": dict(net, group=cfg.mbstd_group)}
 
 
-def build_g(arch: str, args: dict):
-    return (StyleGenerator if arch == "style" else Generator)(**args)
+build_g = lambda arch, args: (Generator if arch == "pro" else StyleGenerator)(**args)
 
 
 # -----------------------------------------------------------------------------
 # training
 def train(cfg: Config):
-    """One D step and one G step per batch, on the schedule phase(nimg); returns (G, D, EMA)."""
+    """One D step and one G step per batch, on the schedule phase(nimg); Adam's moments restart
+    at each fade and each stable phase (the paper's code); returns (G, D, EMA)."""
     check_flags(cfg)
     device, autocast = common.setup(cfg)
     x, _, pad = load_data(cfg, train=True)
@@ -435,40 +494,38 @@ def train(cfg: Config):
     kw = dict(betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device.type == "cuda")
     opt_g = torch.optim.Adam(G.parameters(), cfg.lr, **kw)
     opt_d = torch.optim.Adam(D.parameters(), cfg.lr, **kw)
-    ema = common.EMA(G, cfg.ema)
+    ema = common.EMA(G)  # its decay follows the batch: a half-life of --ema-kimg images
     if max(cfg.batch_size, *batches.values()) > len(x):
         common.die(f"a batch size is larger than the {len(x)} training images")
     data = common.Batches(x, torch.zeros(len(x)), cfg.batch_size, cfg.seed, device)
     sched = lambda n: phase(n, cfg.image_size, cfg.phase_kimg, batches, cfg.batch_size, cfg.lr)
     cfg.steps = cfg.steps or total_steps(cfg.image_size, cfg.phase_kimg, batches, cfg.batch_size)
-    start, nimg, opt_res = 0, 0, 4
+    start, nimg, opt_res, opt_phase = 0, 0, 4, 0
     if cfg.resume:
         ck = common.resume(cfg, data, need=("G", "D", "opt_g", "opt_d", "ema", "nimg", "arch"))
         if ck["arch"] != cfg.arch:
             common.die(f"{cfg.out}/ckpt.pt was trained with --arch {ck['arch']}")
         for k, m in dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d, ema=ema.module).items():
             common.load_state(m, ck[k], k)
-        start, nimg, opt_res = ck["step"], ck["nimg"], ck["opt_res"]
+        start, nimg, opt_res, opt_phase = ck["step"], ck["nimg"], ck["opt_res"], ck["opt_phase"]
     G_, D_ = (common.wrap(m, cfg, device, find_unused_parameters=True) for m in (G, D))
     z_fixed = torch.randn(64, args["G"]["z_dim"], generator=torch.Generator().manual_seed(cfg.seed))
     z_fixed = z_fixed.to(device)  # the fixed noise of every sample grid
     loop = common.Loop(cfg, data, start, images=nimg)
     if common.rank() == 0:
         n = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (G, D)]
-        print(
-            f"progan: {cfg.arch} G {n[0]:.2f}M + D {n[1]:.2f}M params, {len(x)} images "
-            f"{tuple(x.shape[1:])}, {device}, {cfg.steps} steps, from step {start} ({nimg} images)"
-        )
+        print(f"progan: {cfg.arch} G {n[0]:.2f}M + D {n[1]:.2f}M params, {tuple(x.shape)} images")
     for step in range(start, cfg.steps):
         done = step + 1
         res, alpha, batch, lr = sched(nimg)
-        if res != opt_res:  # a resolution is added: Adam's moments start afresh (paper's code)
-            if common.rank() == 0 and cfg.sample_every:
+        ph = phase_index(nimg, cfg.image_size, cfg.phase_kimg)
+        if ph != opt_phase:  # a fade or a stable phase begins: Adam starts afresh (paper's code)
+            if res != opt_res and common.rank() == 0 and cfg.sample_every:
                 last = grid_path(cfg, opt_res, nimg)  # the finished resolution's last picture
                 loop.aside(save_grid, ema.module, z_fixed, opt_res, 1.0, last)
             opt_g.state.clear()
             opt_d.state.clear()
-            opt_res = res
+            opt_res, opt_phase = res, ph
         for g in [*opt_g.param_groups, *opt_d.param_groups]:
             g["lr"] = lr
         data.B = batch  # the global batch of this resolution, sharded over ranks by Batches
@@ -478,20 +535,24 @@ def train(cfg: Config):
         real = blend_reals(real, alpha)
         z = torch.randn(len(real), args["G"]["z_dim"], device=device)
         extra = {}
-        if cfg.arch == "style" and torch.rand(()) < cfg.mixing:  # style mixing, one cutoff a batch
+        if cfg.arch != "pro" and torch.rand(()) < cfg.mixing:  # style mixing, one cutoff a batch
             n_layers = 2 * (int(math.log2(res)) - 1)
             extra = dict(z2=torch.randn_like(z), cutoff=int(torch.randint(1, n_layers, ())))
         with autocast:  # the fakes of this step, with G's graph for the G step
             fake = G_(z, res, alpha, **extra)
 
-        # D step: WGAN-GP critic with the drift term
+        # D step: WGAN-GP critic with the drift term, or logistic with lazy R1
         with autocast:
-            stats = d_step(D_, opt_d, real, fake, alpha, cfg.lambda_gp, cfg.eps_drift)
+            if cfg.loss == "logistic":  # R1 every r1_every steps, weighted as many times
+                gamma = cfg.r1_gamma * cfg.r1_every if step % cfg.r1_every == 0 else 0.0
+                stats = d_step_logistic(D_, opt_d, real, fake, alpha, gamma)
+            else:
+                stats = d_step(D_, opt_d, real, fake, alpha, cfg.lambda_gp, cfg.eps_drift)
 
         # G step: the same fakes, through the updated D
         with autocast:
-            stats |= g_step(D, opt_g, fake, alpha)  # D unwrapped: it only passes G's gradient on
-        ema.update(G, step)
+            stats |= g_step(D, opt_g, fake, alpha, cfg.loss)  # D unwrapped: G's gradient only
+        ema.update(G, step, ema_decay(batch, cfg.ema_kimg))
         nimg += batch
 
         # log
@@ -501,7 +562,8 @@ def train(cfg: Config):
 
         # checkpoint (when due, and on Ctrl-C / SIGTERM, which also stops the loop)
         state = dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d, ema=ema.module, model_args=args)
-        if loop.end_step(done, **state, nimg=nimg, opt_res=opt_res, arch=cfg.arch, pad=pad):
+        extra = dict(nimg=nimg, opt_res=opt_res, opt_phase=opt_phase, arch=cfg.arch, pad=pad)
+        if loop.end_step(done, **state, **extra):
             break
 
         # sample a fixed-noise grid from the EMA G at this resolution and alpha
@@ -511,21 +573,23 @@ def train(cfg: Config):
     return G, D, ema
 
 
-def grid_path(cfg, res: int, nimg: int) -> Path:
-    return Path(cfg.out) / f"samples_res{res}_{nimg:09d}.png"
+grid_path = lambda cfg, res, nimg: Path(cfg.out) / f"samples_res{res}_{nimg:09d}.png"
 
 
 # -----------------------------------------------------------------------------
 # sampling
 @torch.no_grad()
-def generate(G, z, res: int, alpha=1.0, psi=1.0, batch=500):
-    """Images from G in eval mode, in batches, clamped to [-1, 1] (G's output is linear)."""
-    kw = dict(psi=psi) if isinstance(G, StyleGenerator) else {}
-    was = G.training
+def generate(G, z, res: int, alpha=1.0, psi=1.0, batch=500, noise=None):
+    """Images from G in eval mode, in batches, clamped to [-1, 1] (G's output is linear);
+    StyleGAN's noise inputs: `noise` (one map per layer for all of z), else drawn afresh."""
+    style, was, xs = isinstance(G, StyleGenerator), G.training, []
     G.eval()
-    x = torch.cat([G(zb, res, alpha, **kw).float() for zb in z.split(batch)])
+    for i in range(0, len(z), batch):
+        maps = None if noise is None else [n[i : i + batch] for n in noise]
+        kw = dict(psi=psi, noise=maps) if style else {}
+        xs.append(G(z[i : i + batch], res, alpha, **kw).float())
     G.train(was)
-    return x.clamp(-1, 1)
+    return torch.cat(xs).clamp(-1, 1)
 
 
 def save_grid(G, z, res, alpha, path):
@@ -549,21 +613,25 @@ def sample(cfg: Config):
     cropped away, so evaluate.py sees 28x28 digits), and interp.png: 8 interpolations (slerp in z
     for ProGAN, lerp in w for StyleGAN)."""
     G, ck, res, alpha, device = load_trained(cfg)
-    if cfg.psi != 1 and ck["arch"] != "style":
+    if cfg.psi != 1 and ck["arch"] == "pro":
         common.die("--psi is StyleGAN's truncation: this checkpoint is --arch pro")
-    g = torch.Generator(device).manual_seed(cfg.seed)
+    g = torch.Generator(device).manual_seed(cfg.seed)  # z and noise per sample: any batch size
     z = torch.randn(cfg.sample, ck["model_args"]["G"]["z_dim"], device=device, generator=g)
-    x = generate(G, z, res, alpha, cfg.psi, cfg.batch_size)
+    style = isinstance(G, StyleGenerator)
+    noise = G.noise(cfg.sample, res, g, device) if style else None
+    x = generate(G, z, res, alpha, cfg.psi, cfg.batch_size, noise)
     crop = ck["pad"] * res // ck["config"]["image_size"]
     common.save_samples(cfg.out, x[..., crop : res - crop, crop : res - crop])
     a, b = torch.randn(2, 8, z.shape[1], device=device, generator=g)
     t = torch.linspace(0, 1, 10, device=device)
-    if isinstance(G, StyleGenerator):  # lerp in w: the space the styles are read from
+    if style:  # lerp in w: the space the styles are read from; one noise along each row
         with torch.no_grad():
             wa, wb = G.map(a), G.map(b)
             w = (wa[:, None] + t[None, :, None] * (wb - wa)[:, None]).flatten(0, 1)  # (80, w_dim)
             n = 2 * (int(math.log2(res)) - 1)  # the same w on every layer
-            frames = G.synthesis([G.truncate(w, cfg.psi)] * n, res, alpha).float().clamp(-1, 1)
+            noise = [v.repeat_interleave(10, 0) for v in G.noise(8, res, g, device)]
+            frames = G.synthesis([G.truncate(w, cfg.psi)] * n, res, alpha, noise)
+            frames = frames.float().clamp(-1, 1)
     else:
         frames = generate(G, slerp(a, b, t).flatten(0, 1), res, alpha)
     common.save_grid(frames, Path(cfg.out) / "interp.png", nrow=10)

@@ -16,6 +16,7 @@ import progan as P
 
 SMALL = dict(size=16, img_ch=1, fmap_base=64, fmap_max=16)  # channels 16 at every resolution
 FLAGS = "--tiny --image-size 16 --phase-kimg 0.048 --batch-sizes 4:8,8:8,16:8 --sample-every 0"
+FLAGS += " --ema-kimg 0.05"  # an EMA that follows these 240 images (half-life: 50)
 
 
 def adam_step(module, loss_fn, lr=1e-3):
@@ -116,6 +117,73 @@ def test_critic_loss_terms_on_a_linear_critic():
     assert D.b.item() == pytest.approx(b - 1e-3 * 2 * r.mean().item(), rel=1e-6)
 
 
+def test_r1_on_a_linear_critic_and_its_lazy_weight():
+    """D(x) = w.x + b: grad_x D = w for every x, so R1 = |w|^2 exactly; the D step's update with
+    gamma differs from the one without by lr gamma w (gamma / 2 |w|^2 differentiated), and the
+    lazy form, gamma times the interval 16, by 16 times that."""
+    torch.manual_seed(0)
+    real, fake = torch.randn(6, 1, 4, 4, dtype=torch.float64), torch.randn(6, 1, 4, 4).double()
+    D = LinearCritic(16)
+    x = real.clone().requires_grad_(True)
+    assert P.r1_penalty(D(x), x).item() == pytest.approx(D.w.norm().item() ** 2, rel=1e-6)
+    # the step's scores are float32 (as under autocast): agreement to float32's precision
+    w0, moved = D.w.detach().clone(), {}
+    for gamma in (0.0, 10.0, 160.0):
+        D.w.data.copy_(w0)
+        s = P.d_step_logistic(D, torch.optim.SGD(D.parameters(), lr=0.01), real, fake, 1.0, gamma)
+        moved[gamma] = D.w.detach() - w0
+        want = w0.norm().item() ** 2 if gamma else 0.0
+        assert s["r1"].item() == pytest.approx(want, rel=1e-5)
+    torch.testing.assert_close(moved[10.0] - moved[0.0], -0.01 * 10.0 * w0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(moved[160.0] - moved[0.0], -0.01 * 160 * w0, rtol=1e-4, atol=1e-5)
+
+
+def test_ema_half_life_in_images_across_a_batch_change():
+    """After k images the old weights' share is 0.5^(k / half-life), whatever batches made k."""
+    m = nn.Linear(1, 1, bias=False)
+    m.weight.data.fill_(1.0)
+    ema = P.common.EMA(m)
+    m.weight.data.fill_(0.0)  # from now on the EMA only forgets the old weight
+    for step, batch in enumerate([64] * 50 + [16] * 200 + [32] * 25):  # 3,200 + 3,200 + 800
+        ema.update(m, step, P.ema_decay(batch, ema_kimg=10))
+    assert ema.module.weight.item() == pytest.approx(0.5 ** (7200 / 10000), rel=1e-5)  # float32
+    assert P.ema_decay(64, 0) == 0.0  # --ema-kimg 0: the EMA is G itself
+
+
+def test_brightness_is_the_last_style_under_adain_and_not_under_demodulation():
+    """Instance norm gives every channel of the last layer the spatial mean y_b of that layer's
+    style, so the image's mean is the last style's alone: other styles on the layers before
+    change the image, not its mean. Demodulation normalises weights, not activations (unit norm
+    per sample and output channel), and the same swap moves the mean."""
+    torch.manual_seed(0)
+    s = torch.rand(3, 5) + 0.5
+    wt = P.demodulate(torch.randn(4, 5, 3, 3), s)
+    assert wt.shape == (3, 4, 5, 3, 3)
+    torch.testing.assert_close(wt.pow(2).sum((2, 3, 4)), torch.ones(3, 4))
+    means = {}
+    for demod in (False, True):
+        torch.manual_seed(1)
+        G = P.StyleGenerator(z_dim=16, n_mlp=2, demod=demod, **SMALL).eval()
+        with torch.no_grad():
+            for p in G.parameters():  # every weight random (noise scales and toRGB included)
+                p.add_(torch.randn_like(p) * 0.3)
+            w, w2 = G.map(torch.randn(2, 16)), G.map(torch.randn(2, 16))
+            noise = G.noise(2, 16)
+            a = G.synthesis([w] * 6, 16, 1.0, noise)
+            b = G.synthesis([w2] * 5 + [w], 16, 1.0, noise)  # all but the last style swapped
+        assert not torch.allclose(a, b, atol=1e-3)
+        means[demod] = (a.mean((1, 2, 3)), b.mean((1, 2, 3)))
+    torch.testing.assert_close(*means[False], atol=1e-5, rtol=1e-5)
+    assert (means[True][0] - means[True][1]).abs().min() > 1e-3
+
+
+def test_adam_restarts_at_every_fade_and_every_stable_phase():
+    idx = lambda n: P.phase_index(n, 32, 1.0)  # 1,000 images a phase
+    starts = [n for n in range(1, 12000) if idx(n) != idx(n - 1)]
+    assert starts == [1000, 2000, 3000, 4000, 5000, 6000]  # 3 x (fade, stable), then none
+    assert idx(0) == 0 and idx(6000) == idx(10**9) == 6
+
+
 def test_fade_in_endpoints_and_real_blending():
     torch.manual_seed(0)
     G, D = P.Generator(z_dim=8, **SMALL), P.Discriminator(**SMALL)
@@ -180,11 +248,12 @@ def logs(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["pro", "style"])
+@pytest.mark.parametrize("arch", ["pro", "style", "style2"])
 def test_cli_resume_mid_fade_is_exact_then_sample(fake_mnist, tmp_path, arch):
     """48 images a phase at batch 8: 4x4 steps 1-6, fade to 8x8 steps 7-12, stable 13-18, fade
     to 16x16 19-24, stable 25-30. Stopped in the second fade and resumed: the same losses, alpha
-    and weights as an uninterrupted run, and Adam restarted once, when 16x16 was added."""
+    and weights as an uninterrupted run, and Adam restarted at the last phase's start; --sample
+    draws the same images for any --batch-size."""
     a, b, data = tmp_path / "a", tmp_path / "b", ["--data-dir", fake_mnist, "--arch", arch]
     run("progan.py", FLAGS, *data, "--out", a, "--log-every 1")
     k = stop_after("progan.py", FLAGS, *data, "--out", b, "--ckpt-every 0 --log-every 1", step=20)
@@ -197,25 +266,28 @@ def test_cli_resume_mid_fade_is_exact_then_sample(fake_mnist, tmp_path, arch):
     ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
     for key in ("G", "D", "ema"):
         assert all(torch.equal(ca[key][n], cb[key][n]) for n in ca[key]), key
-    assert ca["nimg"] == 240 and ca["opt_res"] == 16
-    steps_at_16 = sum(r["res"] == 16 for r in la.values())  # 12: Adam counts from the fade start
+    assert ca["nimg"] == 240 and ca["opt_res"] == 16 and ca["opt_phase"] == 4
     names = [n for n, _ in P.Discriminator(**ca["model_args"]["D"]).named_parameters()]
     steps = {names[int(i)]: int(s["step"]) for i, s in cb["opt_d"]["state"].items()}
-    old = {n: s for n, s in steps.items() if n.startswith("from_rgb.1.")}  # 8x8's fromRGB: the
-    assert set(old.values()) == {steps_at_16 // 2}  # fade's old path, so the fade's 6 steps only
-    assert len(old) == 2 and {s for n, s in steps.items() if n not in old} == {steps_at_16}
+    assert set(steps.values()) == {6}  # Adam restarted at the stable phase's start, step 25
+    assert not any(n.startswith("from_rgb.1.") for n in steps)  # the fade's old path: unused
     G = P.build_g(arch, ca["model_args"]["G"])  # the class alone rebuilds it
     G.load_state_dict(ca["ema"])
 
     run("progan.py", "--out", a, "--sample", 10, "--batch-size", 4)
     z = np.load(a / "samples.npz")
     assert z["arr_0"].shape == (10, 14, 14, 1) and z["arr_0"].dtype == np.uint8  # padding cropped
+    run("progan.py", "--out", a, "--sample", 10, "--batch-size", 3)  # the same z and noise,
+    other = np.load(a / "samples.npz")["arr_0"].astype(int)  # up to float rounding of the batch
+    assert np.abs(other - z["arr_0"]).max() <= 1 and (other != z["arr_0"]).mean() < 0.005
+    run("progan.py", "--out", a, "--sample", 10, "--batch-size", 4)  # the same call: bit for bit
+    assert np.array_equal(np.load(a / "samples.npz")["arr_0"], z["arr_0"])
     assert (a / "samples.png").exists() and (a / "interp.png").exists()
-    if arch == "style":
+    if arch != "pro":
         spread = lambda x: np.abs(x.astype(float) - x[:1]).mean()  # mean distance to sample 0
         run("progan.py", "--out", a, "--sample", 10, "--psi", 0.0)
         z0 = np.load(a / "samples.npz")["arr_0"]  # psi 0: every sample from the mean w; they
-        assert 0 < spread(z0) < 0.8 * spread(z["arr_0"])  # still differ by the noise inputs,
+        assert 0 < spread(z0) < spread(z["arr_0"])  # still differ by the noise inputs,
         # which the flat 4x4 constant's instance norm amplifies early on (exact: test above)
 
 
