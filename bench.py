@@ -563,8 +563,12 @@ BENCHES = {
 }  # each: (rows, ratios)
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """-h with every default, and the description as written."""
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument("--models", default="ddpm_ddim", help=f"comma-separated: {', '.join(BENCHES)}")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")

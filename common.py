@@ -38,6 +38,7 @@ class Config:
     image_size: int = 0  # 0: the data's own (28 digits, 32 CIFAR-10, 64 CelebA, a folder's)
     out: str = ""  # output folder; default runs/<script>
     steps: int = 100000  # optimizer steps
+    minutes: float = 0.0  # also stop after this much training time (not pictures, checkpoints)
     batch_size: int = 128  # global batch, split over DDP ranks
     lr: float = 2e-4  # peak learning rate
     seed: int = 0  # seeds weights, data order and noise (each DDP rank adds its rank)
@@ -51,9 +52,8 @@ class Config:
     ckpt_every: int = 1000  # 0: only at the end
     resume: bool = False  # continue from <out>/ckpt.pt
     sample: int = 0  # N > 0: no training; load <out>/ckpt.pt, write N samples
-    # declared ranges, checked once by parse(); a script's Config adds its own (merged over bases)
     at_least = dict(steps=0, batch_size=1, threads=0, log_every=0, sample_every=0, ckpt_every=0)
-    at_least |= dict(sample=0, image_size=0)
+    at_least |= dict(sample=0, image_size=0, minutes=0)
     choices = dict(device=("auto", "cpu", "cuda", "mps"))
 
 
@@ -64,14 +64,11 @@ def field_help(cls) -> dict:
     return {m[1]: m[2] for m in map(line.match, src) if m}
 
 
-class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """-h with every default, and the description as written."""
-
-
 def parse(cls, script: str, argv=None):
-    """Argparse from a Config: bools get --x/--no-x, declared ranges are checked; cfg.given."""
+    """Argparse from a Config: --x/--no-x bools; at_least and choices (with the bases') checked."""
     helps = field_help(cls)
-    p = argparse.ArgumentParser(f"{script}.py", formatter_class=Help)
+    fmt = argparse.ArgumentDefaultsHelpFormatter  # -h shows every default
+    p = argparse.ArgumentParser(f"{script}.py", formatter_class=fmt)
     for f in dataclasses.fields(cls):
         default = argparse.SUPPRESS if f.default == "" else f.default  # no "(default: )" in -h
         kw = dict(default=default, help=helps.get(f.name, "").replace("%", "%%"))
@@ -104,7 +101,6 @@ def from_run(cfg, ck: dict):
 # --- device, precision, data parallel (torchrun: NCCL on GPUs, gloo on CPU)
 rank = lambda: dist.get_rank() if dist.is_initialized() else 0  # this process's DDP rank
 world = lambda: dist.get_world_size() if dist.is_initialized() else 1  # processes in the run
-interrupted = lambda *_: die("interrupted", code=130)  # Ctrl-C outside training: one line
 
 
 def setup(cfg):
@@ -121,7 +117,7 @@ def setup(cfg):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.threads:  # on cores shared with other work, fewer threads run faster (docs/bench.md)
         torch.set_num_threads(cfg.threads)
-    signal.signal(signal.SIGINT, interrupted)  # common.Loop replaces it while training
+    signal.signal(signal.SIGINT, lambda *_: die("interrupted", 130))  # Loop's while training
     seed = cfg.seed + rank()  # every rank draws its own noise
     random.seed(seed)
     np.random.seed(seed)
@@ -148,8 +144,7 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
-# --- data: a split decoded once to uint8, held on the GPU when small, served in [-1, 1]
-# --dataset: (torchvision class, where its files go under --data-dir, image size)
+# --- data: --dataset's (torchvision class, folder under --data-dir, image size); uint8 splits
 SETS = dict(mnist=("MNIST", "MNIST/raw", 28), fashion=("FashionMNIST", "FashionMNIST/raw", 28))
 SETS |= dict(cifar10=("CIFAR10", "cifar-10-batches-py", 32), celeba=("CelebA", "celeba", 64))
 DIGITS = ("mnist", "mnist-12k", "fashion")  # 28x28 grey; never flipped (not mirror-symmetric)
@@ -186,16 +181,14 @@ def fetch(cfg, name: str, train: bool, tf):
         cause = ([s.strip() for s in str(e).splitlines() if s.strip()] or [type(e).__name__])[-1]
     if name == "mnist" and cfg.download:
         msg = f"mnist: no files in {cfg.data_dir} and no network ({cause[:60]}): using the "
-        print(msg + "12,500 digits shipped in data/ (--dataset mnist-12k)", file=sys.stderr)
-        return None
+        return print(msg + "12,500 digits shipped in data/ (--dataset mnist-12k)", file=sys.stderr)
     why = f"it cannot be downloaded ({cause[:100]})" if cfg.download else "--no-download"
     die(f"{name} not found in {root} and {why}: put the files in {root / where} or --data-dir DIR")
 
 
 def load_images(cfg, train=True, size=0, digits=False) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split as uint8 (N, C, H, W) and labels (CelebA's: its 40 attributes); digits: the
-    28x28 digits of a built-in mnist-* task, from --digits. mnist with no files and no network
-    falls back to mnist-12k in one line, kept in cfg.dataset (or .digits), so in the checkpoint."""
+    """A split as uint8 (N, C, H, W), labels (CelebA: its 40 attributes); digits: a built-in task's
+    28x28 digits (--digits). mnist offline falls back to mnist-12k, kept in cfg (and checkpoint)."""
     import torchvision.transforms as T
     from PIL import Image
 
@@ -340,6 +333,7 @@ def resume(cfg, data: Batches, need=(), name="ckpt.pt") -> dict:
     """Load <out>/<name>, restore the data position and this rank's RNG streams; return it."""
     ck = load_ckpt(Path(cfg.out) / name, {"data", "rng", *need})
     data.load_state_dict(ck["data"])
+    cfg.seconds = ck.get("seconds", 0.0)  # the training time spent, for --minutes
     if len(ck["rng"]) == world():  # another world size cannot replay the same streams
         s = ck["rng"][rank()]
         as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)
@@ -363,6 +357,7 @@ class Loop:
         self.cfg, self.data, self.name = cfg, data, name  # the checkpoint: <out>/<name>
         self.flag, self.sums, self.n = False, {}, 0  # set by a signal; losses since the last log
         self.t0, self.step0, self.first = time.time(), start_step, True  # the img/s clock
+        self.clock = time.time() - getattr(cfg, "seconds", 0.0)  # training time: --minutes
         self.img0 = start_step * cfg.batch_size if images is None else images  # images shown
         self.kept = f"the last good checkpoint in {cfg.out} is kept; try a lower --lr"  # exit 1
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -374,8 +369,7 @@ class Loop:
         self.flag = True
 
     def add(self, **losses):  # accumulated as tensors on the device: no host sync per step
-        for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        self.sums |= {k: self.sums.get(k, 0) + v.detach().float() for k, v in losses.items()}
         self.n += 1
 
     def check(self, step: int) -> dict:
@@ -414,17 +408,24 @@ class Loop:
                 fn(*args, **kwargs)
         except Exception as e:
             print(f"warning: {fn.__name__} failed ({type(e).__name__}: {e})", file=sys.stderr)
-        self.t0 += time.time() - t0
+        self.skip(t0)
+
+    def skip(self, t0: float):  # the time since t0 counts on neither clock
+        self.t0, self.clock = self.t0 + time.time() - t0, self.clock + time.time() - t0
 
     def end_step(self, step: int, **state) -> bool:
-        """Checkpoint when due or on a signal; True: stop. Collective under DDP (all ranks call)."""
-        stop = self.flag and not dist.is_initialized()
+        """Checkpoint when due, on a signal or --minutes spent; True: stop. Collective under DDP."""
+        over = self.cfg.minutes > 0 and time.time() - self.clock >= 60 * self.cfg.minutes
+        stop = (self.flag or over) and not dist.is_initialized()
         if dist.is_initialized() and step % 10 == 0:  # the ranks agree every 10 steps
-            stop = bool(all_reduce(torch.tensor([float(self.flag)]), dist.ReduceOp.MAX))
+            stop = bool(all_reduce(torch.tensor([float(self.flag or over)]), dist.ReduceOp.MAX))
         if stop or due(step, self.cfg.ckpt_every, self.cfg.steps):
+            t0 = time.time()
             self.checkpoint(step, **state)
+            self.skip(t0)
         if stop and rank() == 0:
-            print(f"stopped by signal at step {step}; saved {self.cfg.out}/{self.name}", flush=True)
+            why = f"--minutes {self.cfg.minutes:g}" if over else "signal"
+            print(f"stopped by {why} at step {step}; saved {self.cfg.out}/{self.name}", flush=True)
         return stop
 
     def checkpoint(self, step: int, **state):
@@ -435,16 +436,15 @@ class Loop:
             tensors = [t for t in sd.values() if torch.is_tensor(t)] if isinstance(sd, dict) else []
             if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
                 die(f"{k} has non-finite weights at step {step}; stopped: {self.kept}", 1)
-        npst, cuda = np.random.get_state(), torch.cuda.is_available()
-        rngs = [{  # plain types: weights_only loads them, and the ranks gather them
-            "python": random.getstate(),
-            "numpy": [npst[0], npst[1].tolist(), *npst[2:]],
-            "torch": bytes(torch.get_rng_state().numpy()),
-            "cuda": [bytes(t.numpy()) for t in torch.cuda.get_rng_state_all()] if cuda else [],
-        }]  # fmt: skip
+        npst, cuda = np.random.get_state(), torch.cuda.is_available()  # RNGs as plain types:
+        rng = dict(python=random.getstate(), numpy=[npst[0], npst[1].tolist(), *npst[2:]])
+        rng |= dict(torch=bytes(torch.get_rng_state().numpy()))  # weights_only loads them, and
+        rng |= dict(cuda=[bytes(t.numpy()) for t in torch.cuda.get_rng_state_all()] if cuda else [])
+        rngs = [rng]  # the ranks gather them
         if dist.is_initialized():
-            rngs, rng = [None] * world(), rngs[0]
+            rngs = [None] * world()
             dist.all_gather_object(rngs, rng)
         if rank() == 0:
             ck = dict(state, step=step, data=self.data.state_dict(), rng=rngs)
+            ck["seconds"] = time.time() - self.clock  # training time, resumed by --resume
             save_ckpt(Path(self.cfg.out) / self.name, dict(ck, config=dataclasses.asdict(self.cfg)))

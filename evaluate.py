@@ -326,8 +326,12 @@ def evaluate(args) -> dict:
     return res
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """-h with every default, and the description as written."""
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument("samples", nargs="?", help="a samples.npz (arr_0 uint8 NHWC, arr_1 labels)")
     p.add_argument(
         "--dataset", default="mnist", help="mnist | mnist-12k | fashion | cifar10 | celeba"
@@ -354,7 +358,9 @@ def main(argv=None):
         common.die("--boxes scores samples of MNIST layouts: a samples.npz, --dataset mnist(-12k)")
     if not args.real and not Path(args.samples).is_file():
         common.die(f"no such file: {args.samples}")
-    signal.signal(signal.SIGINT, common.interrupted)  # Ctrl-C: one line, no traceback
+    signal.signal(
+        signal.SIGINT, lambda *_: common.die("interrupted", 130)
+    )  # Ctrl-C: one line, no traceback
     torch.manual_seed(0)
     res = evaluate(args)
     res = {k: round(v, 5) if isinstance(v, float) else v for k, v in res.items()}

@@ -137,3 +137,48 @@ def test_threads_flag():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_minutes_stop_within_a_step_and_resume_to_the_total(tmp_path, monkeypatch):
+    """--minutes: the loop's clock (pictures and checkpoints off it) stops the run at the first
+    step boundary past the budget, with a checkpoint that carries the time spent; --resume with a
+    larger budget goes on to the total. A fake clock: one second a step, 10 s for a picture."""
+    now = [1000.0]
+    monkeypatch.setattr(common.time, "time", lambda: now[0])
+    x = torch.zeros(8, 1, 1, 1, dtype=torch.uint8)
+    cfg = common.Config(out=str(tmp_path), steps=100, minutes=0.05, ckpt_every=0)  # 3 s
+    data = common.Batches(x, torch.zeros(8), 2, 0, torch.device("cpu"))
+
+    def train(start):
+        loop = common.Loop(cfg, data, start)
+        for step in range(start, cfg.steps):
+            now[0] += 1.0  # the step
+            loop.aside(lambda: now.__setitem__(0, now[0] + 10))  # a picture: off the clock
+            if loop.end_step(step + 1, w=torch.ones(1)):
+                return step + 1
+        return cfg.steps
+
+    assert train(0) == 3  # 3 steps of 1 s; the pictures' 30 s do not count
+    ck = common.load_ckpt(tmp_path / "ckpt.pt")
+    assert ck["step"] == 3 and ck["seconds"] == pytest.approx(3.0)
+    cfg.minutes, cfg.resume = 0.1, True  # 6 s in all
+    common.resume(cfg, data)
+    assert cfg.seconds == pytest.approx(3.0) and train(3) == 6
+
+
+@pytest.mark.slow
+def test_a_stop_by_minutes_writes_what_a_stop_by_steps_writes(fake_mnist, tmp_path):
+    """gan.py stopped by --minutes at step k, and again by --steps k: the same checkpoint."""
+    from conftest import run
+
+    flags = ["--tiny", "--batch-size", "8", "--sample-every", "0", "--data-dir", fake_mnist]
+    run("gan.py", *flags, "--minutes", "0.02", "--out", tmp_path / "a")
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    run("gan.py", *flags, "--steps", a["step"], "--out", tmp_path / "b")
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert a.keys() == b.keys() and a["step"] == b["step"] > 1 and a["seconds"] >= 1.2
+    assert a["data"] == b["data"] and a["config"]["minutes"] == 0.02
+    for k in ("G", "D"):  # the same weights, bit for bit
+        assert all(torch.equal(a[k][n], b[k][n]) for n in a[k]), k
+    adam = lambda ck: [s["exp_avg"] for s in ck["opt_g"]["state"].values()]
+    assert adam(a) and all(torch.equal(u, v) for u, v in zip(adam(a), adam(b)))
