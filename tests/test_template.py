@@ -20,7 +20,7 @@ MODELS = ["ddpm_ddim", "gan", "cgan_pix2pix", "vae", "vqvae", "flow", "cfg_ldm"]
 UNPAIRED = ["cyclegan", "stargan"]  # their own data layouts (piles, attributes): own tests
 
 
-@pytest.mark.parametrize("script", MODELS + UNPAIRED + ["evaluate", "bench"])
+@pytest.mark.parametrize("script", MODELS + UNPAIRED + ["evaluate", "bench", "compare"])
 def test_help_exits_0_and_every_flag_has_help(script):
     p = run(f"{script}.py", "-h")
     assert p.returncode == 0 and "Traceback" not in p.stderr

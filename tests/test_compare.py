@@ -1,0 +1,62 @@
+"""compare.py: the rows it writes, their resumption, the report from the lines alone, and bad
+lines as one-line errors that change nothing."""
+
+import json
+
+import pytest
+from conftest import assert_one_line_error, run
+
+import compare
+
+
+def test_every_family_names_its_files_and_a_budget_that_adds_up():
+    for name, fam in compare.FAMILIES.items():
+        shares = [share for _, _, share in fam.stages]
+        assert shares[-1] is None and sum(shares[:-1]) < 1, name  # the last stage: the rest
+        assert all((compare.ROOT / script).is_file() for script, _, _ in fam.stages), name
+        assert fam.kind in ("generator", "translator"), name
+    h = compare.digest("dcgan", compare.FAMILIES["dcgan"], 10.0)
+    assert h == compare.digest("dcgan", compare.FAMILIES["dcgan"], 10.0)  # a stable hash
+    assert h != compare.digest("dcgan", compare.FAMILIES["dcgan"], 5.0)  # of the settings too
+
+
+@pytest.mark.slow
+def test_two_cheap_rows_resume_report_and_refuse_a_foreign_line(tmp_path):
+    """ppca (closed form: the final point) and dcgan at 0.025, 0.05, 0.1 minutes: well-formed
+    lines with every field; a second call measures nothing; the report comes from the lines
+    alone; a malformed line stops the run in one line and leaves the file as it was."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    flags = ["--families", "ppca,dcgan", "--minutes", "0.1", "--samples", "200"]
+    flags += ["--out", tmp_path / "runs", "--docs", docs]
+    flags += ["--score-flags", f"--epochs 1 --cache-dir {tmp_path / 'cache'}"]
+    run("compare.py", *flags, timeout=900)
+    rows = [json.loads(line) for line in (docs / "compare.jsonl").read_text().splitlines()]
+    assert [(r["family"], r["minutes"]) for r in rows] == [
+        ("ppca", 0.1),
+        ("dcgan", 0.025),
+        ("dcgan", 0.05),
+        ("dcgan", 0.1),
+    ]
+    for r in rows:
+        assert all(k in r for k in compare.FIELDS) and r["fid"] > 0 and r["n"] == 200, r
+    assert rows[0]["bpd"] > 5 and all(r["steps"] > 0 for r in rows[1:])
+    assert rows[1]["images"] < rows[2]["images"] < rows[3]["images"]  # resumed, not restarted
+    assert 6.0 <= rows[3]["seconds"] < 6.0 + 30  # the budget, and at most one step more
+    text = (docs / "compare.jsonl").read_text()
+    p = run("compare.py", *flags, timeout=300)
+    assert (docs / "compare.jsonl").read_text() == text  # nothing measured again
+    (docs / "compare.md").unlink()
+    (docs / "compare.png").unlink()
+    run("compare.py", "--report", "--docs", docs)
+    md = (docs / "compare.md").read_text()
+    assert "| dcgan | 0.1 |" in md and "| ppca |" in md and (docs / "compare.png").stat().st_size
+    (docs / "compare.jsonl").write_text(text + '{"family": "x"}\n')
+    p = run("compare.py", "--report", "--docs", docs, check=False)
+    assert_one_line_error(p, "compare.jsonl:5 is not a compare.py line")
+    assert (docs / "compare.jsonl").read_text() == text + '{"family": "x"}\n'
+
+
+def test_bad_flags_are_one_line(tmp_path):
+    p = run("compare.py", "--families", "dcgan,nope", "--docs", tmp_path, check=False)
+    assert_one_line_error(p, "unknown nope")
