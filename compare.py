@@ -225,7 +225,7 @@ def measure(name, fam: Family, budget: float, out: Path, done: set, args) -> lis
     (out / "first.done").touch()
     script, flags, _ = fam.stages[-1]
     for minutes, n in POINTS if fam.trained else POINTS[-1:]:
-        minutes, n = minutes * scale, args.samples or n
+        minutes, n = round(minutes * scale, 4), args.samples or n
         if (name, minutes, h) in done or minutes <= first:
             continue
         last = [*quiet, "--minutes", round(minutes - first, 4)] if fam.trained else []
@@ -243,7 +243,7 @@ def measure(name, fam: Family, budget: float, out: Path, done: set, args) -> lis
         row |= dict(sample_img_s=round(n / secs, 1), n=n)  # the whole --sample call, start-up too
         row |= {k: v for k, v in last_json(sample_out).items() if isinstance(v, (int, float))}
         row |= {k: v for k, v in scored.items() if isinstance(v, (int, float)) and k != "n"}
-        if fam.bits and minutes == POINTS[-1][0] * scale:
+        if fam.bits and minutes == round(POINTS[-1][0] * scale, 4):
             bits = last_json(call([script, "--out", out, *fam.bits.split()])[0])
             row["bpd"] = bits.get("bpd", bits.get("nll_bpd"))
         rows.append(row)
@@ -343,7 +343,11 @@ def main(argv=None):
     p.add_argument(
         "--samples", type=int, default=0, help="samples at every point (default: 0, as above)"
     )
-    p.add_argument("--score-flags", default="", help="more evaluate.py flags (default: none)")
+    p.add_argument(
+        "--score-flags",
+        default="",
+        help='more evaluate.py flags as one argument: --score-flags="--epochs 1" (default: none)',
+    )
     args = p.parse_args(argv)
     names = list(FAMILIES) if args.families == "all" else args.families.split(",")
     unknown = [n for n in names if n not in FAMILIES]
