@@ -47,6 +47,7 @@ class Family:
     bits: str = ""  # e.g. "--nll 500": its JSON line's bpd / nll_bpd is recorded
     note: str = ""  # what the row is, for compare.md
     trained: bool = True  # False: fitted in closed form, measured at the final point only
+    headline: str = "fid"  # the figures README's table shows for this row
 
 
 AE = ("cfg_ldm.py", f"--stage ae --ae-ch 32 --batch-size 64 --lr 1e-3 {DATA}", 0.2)
@@ -55,20 +56,32 @@ LAYOUT = f"--dataset mnist-layout {DIGITS} --lr 1e-3"
 GROW = "--tiny --phase-kimg 20"  # 4 -> 32 in about 10 CPU minutes
 FAMILIES = {
     "dcgan": Family("generator", [("gan.py", DATA, None)], note="gan.py, DCGAN"),
-    "cgan": Family("generator", [("cgan_pix2pix.py", DATA, None)], note="cGAN, projection D"),
+    "cgan": Family(
+        "generator",
+        [("cgan_pix2pix.py", DATA, None)],
+        note="cGAN, projection D",
+        headline="fid,cond_acc",
+    ),
     "progan": Family("generator", [("progan.py", f"{GROW} {DATA}", None)], note="ProGAN"),
     "stylegan": Family(
         "generator",
         [("progan.py", f"{GROW} --arch style2 --loss logistic {DATA}", None)],
         note="StyleGAN2's G, logistic loss + lazy R1",
     ),
-    "vae": Family("generator", [("vae.py", DATA, None)], bits="--nll 10 --nll-n 500", note="VAE"),
+    "vae": Family(
+        "generator",
+        [("vae.py", DATA, None)],
+        bits="--nll 10 --nll-n 500",
+        note="VAE",
+        headline="fid,bpd",
+    ),
     "ppca": Family(
         "generator",
         [("vae.py", f"--ppca --z-dim 32 {DATA}", None)],
         bits="--nll 1",
         note="PPCA, k = 32, closed form",
         trained=False,
+        headline="fid,bpd",
     ),
     "vqvae": Family(
         "generator",
@@ -83,9 +96,14 @@ FAMILIES = {
         [("flow.py", f"--depth 8 --width 128 {DATA}", None)],
         bits="--nll 500",
         note="Glow, L=2, K=8, width 128",
+        headline="fid,bpd",
     ),
     "realnvp": Family(
-        "generator", [("flow.py", f"--arch realnvp {DATA}", None)], bits="--nll 500", note="RealNVP"
+        "generator",
+        [("flow.py", f"--arch realnvp {DATA}", None)],
+        bits="--nll 500",
+        note="RealNVP",
+        headline="fid,bpd",
     ),
     "ddpm": Family(
         "generator",
@@ -98,6 +116,7 @@ FAMILIES = {
         [AE, ("cfg_ldm.py", f"{LDM} --cond class", None)],
         sample="--guidance 2",
         note="latent diffusion, class tokens, CFG s = 2",
+        headline="fid,cond_acc",
     ),
     "ldm_classifier": Family(
         "generator",
@@ -108,28 +127,38 @@ FAMILIES = {
         ],
         sample="--guide classifier --guidance 3",
         note="the same LDM, classifier guidance s = 3 (classifier inside the budget)",
+        headline="fid,cond_acc",
     ),
     "pix2pix": Family(
         "translator",
         [("cgan_pix2pix.py", f"--task pix2pix --ngf 32 --ndf 32 {DIGITS}", None)],
         note="pix2pix on mnist-edges",
+        headline="l1,cond_acc",
     ),
     "cyclegan": Family(
-        "translator", [("cyclegan.py", f"--tiny {DIGITS}", None)], note="CycleGAN, thin -> thick"
+        "translator",
+        [("cyclegan.py", f"--tiny {DIGITS}", None)],
+        note="CycleGAN, thin -> thick",
+        headline="mass_moved,cond_acc",
     ),
     "unit": Family(
-        "translator", [("cyclegan.py", f"--arch unit --tiny {DIGITS}", None)], note="UNIT"
+        "translator",
+        [("cyclegan.py", f"--arch unit --tiny {DIGITS}", None)],
+        note="UNIT",
+        headline="mass_moved,cond_acc",
     ),
     "stargan": Family(
         "translator",
         [("stargan.py", f"--tiny --lambda-id 0.5 {DIGITS}", None)],
         note="StarGAN + identity loss, mnist-styles",
+        headline="colour_acc,thick_acc,cond_acc",
     ),
     "ldm_sr": Family(
         "translator",
         [AE, ("cfg_ldm.py", f"{LDM} --cond sr", None)],
         score="--restoration sr",
         note="latent super-resolution 7x7 -> 28x28, vs bicubic",
+        headline="psnr,bicubic_psnr",
     ),
     "ldm_inpaint": Family(
         "translator",
@@ -137,6 +166,7 @@ FAMILIES = {
         sample="--restore-guidance 3",
         score="--restoration inpaint",
         note="latent inpainting s = 3, vs mean fill",
+        headline="psnr_in_holes,mean_fill_psnr_in_holes",
     ),
     "ldm_layout": Family(
         "translator",
@@ -146,6 +176,7 @@ FAMILIES = {
         ],
         score="--boxes",
         note="layout-to-image, box accuracy",
+        headline="box_acc",
     ),
 }
 POINTS = ((2.5, 1000), (5.0, 1000), (10.0, 2500))  # (minutes, samples) of the default budget
@@ -261,12 +292,47 @@ def fmt(v) -> str:
     return "" if v is None else f"{v:,.4g}" if isinstance(v, float) else f"{v:,}"
 
 
+def latest(rows: list) -> dict:
+    """The latest line of each (family, minutes)."""
+    return {(r["family"], r["minutes"]): r for r in rows}
+
+
+NAMES = dict(fid="FID-CNN", bpd="bits/dim", cond_acc="digit acc", l1="L1", mass_moved="ink moved")
+
+
+def readme_table(rows: list, text: str) -> str:
+    """README.md with the headline cell (the fourth) of each `file.py` row of its table rewritten
+    from the lines: each of the file's families at the longest budget measured, with its commit."""
+    final = latest(rows)
+    end = max((m for _, m in final), default=None)
+    out = []
+    for line in text.splitlines(keepends=True):
+        cells = line.split(" | ")
+        if line.startswith("| `") and ".py` |" in line and len(cells) >= 5:
+            script = cells[0][3:-1]
+            cell = []
+            for n, f in FAMILIES.items():
+                r = final.get((n, end))
+                if f.stages[-1][0] == script and r:
+                    figs = [
+                        f"{NAMES.get(k, k)} {fmt(r[k])}" for k in f.headline.split(",") if k in r
+                    ]
+                    cell.append(f"{n}: {', '.join(figs)} (`{r['commit']}`)")
+            none = "not measured yet ([compare](docs/compare.md))"
+            cells[3] = "; ".join(cell) or none
+            line = " | ".join(cells)
+        out.append(line)
+    return "".join(out)
+
+
 def report(rows: list, docs: Path):
     """docs/compare.md: a table per kind at the final point, and FID-CNN over minutes."""
-    final = {}
-    for r in rows:  # the latest line of each (family, minutes)
-        final[(r["family"], r["minutes"])] = r
+    final = latest(rows)
     mins = sorted({m for _, m in final})
+    if not rows:
+        text = "# One table: every family, the same digits, the same minutes\n\nNo line measured"
+        (docs / "compare.md").write_text(text + " yet: `python compare.py` writes them.\n")
+        return
     lines = ["# One table: every family, the same digits, the same minutes", "",
              "Written by `python compare.py --report` from [compare.jsonl](compare.jsonl) alone; "
              "every figure is one run, on the 12,500 shipped digits, scored by `evaluate.py` "
@@ -366,9 +432,12 @@ def main(argv=None):
             with open(jsonl, "a") as f:  # each row as soon as it is measured
                 f.writelines(json.dumps(r) + "\n" for r in new)
             rows += new
-    if rows:
-        report(rows, docs)
-        print(f"wrote {docs}/compare.md and compare.png from {len(rows)} lines of {jsonl}")
+    report(rows, docs)
+    print(f"wrote {docs}/compare.md and compare.png from {len(rows)} lines of {jsonl}")
+    if docs.resolve() == ROOT / "docs":  # README's table only from the repository's own lines
+        readme = ROOT / "README.md"
+        readme.write_text(readme_table(rows, readme.read_text()))
+        print(f"wrote README.md's table from {len(rows)} lines of {jsonl}")
 
 
 if __name__ == "__main__":

@@ -68,3 +68,17 @@ def test_two_cheap_rows_resume_report_and_refuse_a_foreign_line(tmp_path):
 def test_bad_flags_are_one_line(tmp_path):
     p = run("compare.py", "--families", "dcgan,nope", "--docs", tmp_path, check=False)
     assert_one_line_error(p, "unknown nope")
+
+
+def test_readme_cells_come_from_the_lines():
+    """Each `file.py` row's headline cell: its families at the longest budget, with the commit;
+    a file with no line says so; the other cells and lines stay as they were."""
+    text = "intro | x\n| `gan.py` | p | r | old | page |\n| `vae.py` | p | r | old | page |\n"
+    row = {k: 0 for k in compare.FIELDS} | dict(family="dcgan", commit="abc1234", fid=123.456)
+    rows = [row | dict(minutes=5.0, fid=300.0), row | dict(minutes=10.0)]
+    new = compare.readme_table(rows, text).splitlines()
+    assert new[0] == "intro | x"
+    assert new[1] == "| `gan.py` | p | r | dcgan: FID-CNN 123.5 (`abc1234`) | page |"
+    assert new[2].startswith("| `vae.py` | p | r | not measured yet") and new[2].endswith(
+        "| page |"
+    )

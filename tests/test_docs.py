@@ -62,3 +62,14 @@ def test_readme_loads_and_samples_a_ddpm_from_its_class_alone(tmp_path):
     prog = f"import os\nos.chdir({str(tmp_path)!r})\n" + code
     exec(compile(prog, "README", "exec"), env)  # noqa: S102 - the README's own lines
     assert env["x"].shape == (16, 1, 28, 28) and env["x"].abs().max() <= 1
+
+
+def test_readme_table_is_the_one_compare_writes():
+    """Every figure in README's table is in docs/compare.jsonl for that row: the table equals what
+    `python compare.py --report` writes from the lines (a hand-edited number fails here)."""
+    import compare
+
+    text = (ROOT / "README.md").read_text()
+    rows = compare.read_lines(ROOT / "docs" / "compare.jsonl")
+    assert compare.readme_table(rows, text) == text, "run: python compare.py --report"
+    assert sum(line.startswith("| `") and ".py` |" in line for line in text.splitlines()) == 10
