@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -241,15 +242,27 @@ def checkpoint_facts(out: Path) -> dict:
     return dict(steps=ck["step"], images=images, params_M=params, seconds=round(seconds, 1))
 
 
-def measure(name, fam: Family, budget: float, out: Path, done: set, args) -> list:
-    """Train, sample and score one family at each point of the budget; the new JSON rows."""
+def measure(name, fam: Family, budget: float, out: Path, done: set, args, write) -> list:
+    """Train, sample and score one family at each point of the budget; write(row) keeps each new
+    JSON row as soon as it is measured. A run folder already past the next point (interrupted
+    after training, before its line was kept) or of other settings starts again from nothing."""
     scale = budget / POINTS[-1][0]
     first = sum(share * budget for _, _, share in fam.stages[:-1])  # minutes of the early stages
     rows, h = [], digest(name, fam, budget)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"  # fmt: skip
+    files = sorted({s for s, _, _ in fam.stages} | {"common.py", "evaluate.py"})
+    if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *files], cwd=ROOT).returncode:
+        commit += "+changes"  # the files it depends on differ from that commit's
     quiet = ["--steps", 10**7, "--sample-every", 0, "--log-every", 1000]
+    reached = out / "last.minutes"  # the hash it runs under and the last stage's budget so far
+    pending = [round(m * scale, 4) for m, _ in (POINTS if fam.trained else POINTS[-1:])]
+    pending = [m for m in pending if (name, m, h) not in done and m > first]
+    state = reached.read_text().split() if reached.exists() else [h, "0"]
+    if out.exists() and pending and (state[0] != h or float(state[1]) > pending[0]):
+        shutil.rmtree(out)  # other code or settings, or past the point: measure it from nothing
     out.mkdir(parents=True, exist_ok=True)
+    reached.write_text(f"{h} {state[1] if state[0] == h else 0}")
     for script, flags, share in fam.stages[:-1]:  # once, to their share of the final budget
         if not (out / "first.done").exists():
             call([script, *flags.split(), "--out", out, *quiet, "--minutes", share * budget])
@@ -263,6 +276,7 @@ def measure(name, fam: Family, budget: float, out: Path, done: set, args) -> lis
         resume = ["--resume"] if (out / "last.started").exists() and fam.trained else []
         call([script, *flags.split(), "--out", out, *last, *resume])
         (out / "last.started").touch()  # the next point resumes the last stage
+        reached.write_text(f"{h} {minutes}")
         sample_out, secs = call([script, "--out", out, "--sample", n, "--batch-size", 500,
                                  *fam.sample.split()])  # fmt: skip
         evaluate = ["evaluate.py", out / "samples.npz", *DATA.split(), *fam.score.split()]
@@ -278,6 +292,7 @@ def measure(name, fam: Family, budget: float, out: Path, done: set, args) -> lis
             bits = last_json(call([script, "--out", out, *fam.bits.split()])[0])
             row["bpd"] = bits.get("bpd", bits.get("nll_bpd"))
         rows.append(row)
+        write(row)
         print(json.dumps(row), flush=True)
     return rows
 
@@ -424,14 +439,16 @@ def main(argv=None):
     docs = Path(args.docs)
     jsonl = docs / "compare.jsonl"
     rows = read_lines(jsonl)
+
+    def write(row):  # each row as soon as it is measured
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
     if not args.report:
         for name in names:
             fam = FAMILIES[name]
             done = {(r["family"], r["minutes"], r["hash"]) for r in rows}
-            new = measure(name, fam, args.minutes, Path(args.out) / name, done, args)
-            with open(jsonl, "a") as f:  # each row as soon as it is measured
-                f.writelines(json.dumps(r) + "\n" for r in new)
-            rows += new
+            rows += measure(name, fam, args.minutes, Path(args.out) / name, done, args, write)
     report(rows, docs)
     print(f"wrote {docs}/compare.md and compare.png from {len(rows)} lines of {jsonl}")
     if docs.resolve() == ROOT / "docs":  # README's table only from the repository's own lines

@@ -82,3 +82,36 @@ def test_readme_cells_come_from_the_lines():
     assert new[2].startswith("| `vae.py` | p | r | not measured yet") and new[2].endswith(
         "| page |"
     )
+
+
+def test_an_interrupted_family_keeps_its_lines_and_never_mislabels_a_point(tmp_path, monkeypatch):
+    """Each line is kept as soon as it is measured; a rerun after an interruption resumes the
+    points still missing, and a run folder already past the next point (or of other settings)
+    is measured again from nothing instead of being scored as that point."""
+    fam, calls, kept = compare.FAMILIES["dcgan"], [], []
+    h = compare.digest("dcgan", fam, 10.0)
+    args = type("Args", (), dict(samples=10, score_flags=""))()
+
+    def call(cmd, timeout=3600):
+        calls.append([str(c) for c in cmd])
+        if len(calls) == 7:  # the third point's training: the machine stops here
+            raise KeyboardInterrupt
+        return '{"fid": 1.0}', 1.0
+
+    monkeypatch.setattr(compare, "call", call)
+    monkeypatch.setattr(compare, "checkpoint_facts", lambda out: dict(steps=1, images=1, seconds=1))
+    out = tmp_path / "dcgan"
+    with pytest.raises(KeyboardInterrupt):
+        compare.measure("dcgan", fam, 10.0, out, set(), args, kept.append)
+    assert [r["minutes"] for r in kept] == [2.5, 5.0]  # kept before the interruption
+    trained = lambda: [c for c in calls if "--minutes" in c]
+    calls.clear()
+    done = {("dcgan", r["minutes"], h) for r in kept}
+    compare.measure("dcgan", fam, 10.0, out, done, args, kept.append)
+    assert [c[c.index("--minutes") + 1] for c in trained()] == ["10.0"]
+    assert "--resume" in trained()[0] and out.exists()  # resumed: not past 10 minutes
+    (out / "last.minutes").write_text(f"{h} 10.0")  # trained to 10, the 5-minute line lost
+    calls.clear()
+    compare.measure("dcgan", fam, 10.0, out, {("dcgan", 2.5, h)}, args, kept.append)
+    assert "--resume" not in trained()[0]  # from nothing: 10 minutes are not 5
+    assert [c[c.index("--minutes") + 1] for c in trained()] == ["5.0", "10.0"]
