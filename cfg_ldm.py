@@ -432,12 +432,12 @@ def gaussian_kl(mean, logvar):
 
 def ae_loss(ae, x, kl_weight: float):
     """LDM's first-stage loss without the perceptual and GAN terms: L1 + L2 reconstruction summed
-    over pixels, plus kl_weight * KL; mean over the batch. Returns (loss, rec, kl)."""
+    over pixels, plus kl_weight * KL; mean over the batch. Returns {loss, rec, kl}."""
     x_rec, mean, logvar = ae(x)  # z reparameterised: mean + std * eps
     err = (x_rec.float() - x).flatten(1)  # (B, C*H*W)
     rec = (err.abs() + err**2).sum(1).mean()
     kl = gaussian_kl(mean.float(), logvar.float()).mean()
-    return rec + kl_weight * kl, rec, kl
+    return dict(loss=rec + kl_weight * kl, rec=rec, kl=kl)
 
 
 def ldm_loss(model, s: dict, z0, c, p_uncond: float, concat=None):
@@ -513,21 +513,19 @@ HELD_OUT = ["thick" if d % 2 == 0 else "thin" for d in range(10)]  # numeral + t
 
 
 def ink(x_u8: torch.Tensor) -> torch.Tensor:
-    """Stroke thickness as total ink: mean brightness in [0, 1] per image."""
-    return x_u8.float().flatten(1).mean(1) / 255
+    """Stroke thickness as total ink: mean brightness in [0, 1] per image, (B, 1)."""
+    return x_u8.float().flatten(1).mean(1, keepdim=True) / 255
 
 
 def ink_tertiles(x_u8, y) -> torch.Tensor:
     """(10, 2): per digit, the ink levels splitting thin / plain / thick into thirds."""
     q = torch.tensor([1 / 3, 2 / 3])
-    return torch.stack([torch.quantile(ink(x_u8[y == d]), q) for d in range(10)])
+    return torch.stack([torch.quantile(ink(x_u8[y == d])[:, 0], q) for d in range(10)])
 
 
 def thickness(x_u8, y, tertiles) -> torch.Tensor:
-    """0 thin, 1 plain, 2 thick, by the digit's tertiles (captions and scoring alike)."""
-    lo, hi = tertiles[y].unbind(1)
-    v = ink(x_u8)
-    return (v > lo).long() + (v > hi).long()  # 0, 1 or 2 thresholds passed
+    """0 thin, 1 plain, 2 thick: how many of its digit's tertiles an image's ink passes."""
+    return (ink(x_u8) > tertiles[y]).sum(1)
 
 
 def digit_caption(d: int, a: int, r: float) -> str:
@@ -554,9 +552,7 @@ def folder_metadata(path: str, key: str) -> list:
     root = Path(path)
     meta = root / "metadata.jsonl"
     if not meta.is_file():
-        common.die(
-            f"--cond {key}: no {meta} (a line per image: {{'file_name': ..., '{key}': ...}})"
-        )
+        common.die(f"--cond {key}: no {meta} (a line per image: {{'file_name', '{key}'}})")
     try:
         rows = [json.loads(line) for line in open(meta) if line.strip()]
         value = {r["file_name"]: r[key] for r in rows}
@@ -591,10 +587,9 @@ def make_canvases(x_u8, y, n: int, size=64, seed=0, side=(20, 40), max_boxes=3):
             if len(placed) == k:
                 break
         for m, (x0, y0, x1, y1) in enumerate(placed):
-            d = order[j % len(order)]
-            j += 1
-            size_d = (y1 - y0, x1 - x0)
-            digit = F.interpolate(x_u8[d : d + 1].float(), size_d, mode="bilinear", antialias=True)
+            d, j = order[j % len(order)], j + 1
+            hw = (y1 - y0, x1 - x0)
+            digit = F.interpolate(x_u8[d : d + 1].float(), hw, mode="bilinear", antialias=True)
             canvas[i, :, y0:y1, x0:x1] = digit[0].round().to(torch.uint8)
             boxes[i, m] = torch.tensor([int(y[d]), x0, y0, x1, y1])
     return canvas, boxes
@@ -608,27 +603,21 @@ def layout_tokens(boxes, size: int, grid: int):
     return torch.where(boxes[..., :1] >= 0, tokens, torch.full_like(tokens, -1))
 
 
-def check_layouts(boxes, size: int, n_classes: int, where: str):
-    """Boxes inside the canvas with x0 < x1, y0 < y1, and labels the model knows, or an error."""
-    b = boxes[boxes[..., 0] >= 0]  # (M, 5): the real boxes
-    inside = (b[:, 1] >= 0) & (b[:, 2] >= 0) & (b[:, 3] <= size) & (b[:, 4] <= size)
-    bad = ~inside | (b[:, 1] >= b[:, 3]) | (b[:, 2] >= b[:, 4])
-    if bad.any():
-        common.die(f"{where}: box {b[bad][0, 1:].tolist()} is not inside the {size}x{size} canvas")
-    if (b[:, 0] >= n_classes).any():
-        common.die(f"{where}: label {int(b[:, 0].max())} is out of range 0-{n_classes - 1}")
-
-
-def pad_layouts(layouts: list, where: str) -> torch.Tensor:
-    """Lists of [label, x0, y0, x1, y1] -> (N, K, 5) long, -1 padded."""
+def read_layouts(layouts: list, size: int, n_classes: int, where: str) -> torch.Tensor:
+    """Lists of [label, x0, y0, x1, y1] -> (N, K, 5) long, -1 padded; every box inside the
+    size x size canvas with x0 < x1, y0 < y1 and a label the model knows, or a one-line error."""
     try:
         k = max(1, *(len(b) for b in layouts))
         rows = [[list(map(int, r)) for r in b] + [[-1] * 5] * (k - len(b)) for b in layouts]
         boxes = torch.tensor(rows, dtype=torch.long).view(len(layouts), k, 5)
     except (TypeError, ValueError, RuntimeError) as e:
         common.die(f"{where}: a layout is a list of [label, x0, y0, x1, y1] boxes ({e})")
-    if (boxes[..., 0] < -1).any() or ((boxes[..., 0] >= 0) & (boxes[..., 1:] < 0).any(-1)).any():
-        common.die(f"{where}: labels and coordinates must be non-negative")
+    b = boxes[boxes[..., 0] != -1]  # (M, 5): the real boxes
+    bad = (b[:, 1:3] < 0).any(1) | (b[:, 3:] > size).any(1) | (b[:, 1:3] >= b[:, 3:]).any(1)
+    if bad.any():
+        common.die(f"{where}: box {b[bad][0, 1:].tolist()} is not inside the {size}x{size} canvas")
+    if ((b[:, 0] < 0) | (b[:, 0] >= n_classes)).any():
+        common.die(f"{where}: a label is out of range 0-{n_classes - 1}")
     return boxes
 
 
@@ -666,13 +655,11 @@ def random_masks(n: int, size: int, generator=None, cover=(0.2, 0.6)):
             break
         angle, length = 2 * math.pi * rand(n), size * (0.2 + 0.3 * rand(n))
         q = (p + length[:, None] * torch.stack([angle.sin(), angle.cos()], 1)).clamp(0, size - 1)
-        d = (q - p)[:, None, None]  # (n, 1, 1, 2)
-        rel = yx - p[:, None, None]
+        d, rel = (q - p)[:, None, None], yx - p[:, None, None]  # (n, 1, 1, 2), (n, S, S, 2)
         u = ((rel * d).sum(-1) / (d * d).sum(-1).clamp(min=1e-6)).clamp(0, 1)  # closest point
         new = stroke | ((rel - u[..., None] * d).norm(dim=-1) <= radius)
         ok = todo & (new.float().mean((1, 2)) <= hi)
-        stroke = torch.where(ok[:, None, None], new, stroke)
-        p = q
+        stroke, p = torch.where(ok[:, None, None], new, stroke), q
     return torch.where(rand(n)[:, None, None] < 0.5, rect, stroke).float()[:, None]
 
 
@@ -701,8 +688,7 @@ def load_split(cfg: Config, train: bool):
     x, y = common.load_images(cfg, train)
     if cfg.cond == "layout" and cfg.dataset.startswith("folder:"):
         where = f"{cfg.dataset[7:]}/metadata.jsonl"
-        y = pad_layouts(folder_metadata(cfg.dataset[7:], "boxes"), where)
-        check_layouts(y, x.shape[-1], 10**9, where)
+        y = read_layouts(folder_metadata(cfg.dataset[7:], "boxes"), x.shape[-1], 10**9, where)
     return x, y
 
 
@@ -828,7 +814,9 @@ def begin(cfg: Config):
 
 def first_stage(cfg: Config, device, ck=None, x_u8=None):
     """(autoencoder, its args, the diffusion model's input shape) of <out>/ae.pt, or of the
-    copy in a ckpt.pt (`ck`); x_u8: the images it must have been trained on."""
+    copy in a ckpt.pt (`ck`); x_u8: the images it must have been trained on. --pixel: no AE."""
+    if cfg.pixel and not ck:
+        return None, None, list(x_u8.shape[1:])
     if not ck:
         path = Path(cfg.out) / "ae.pt"
         if not path.is_file():
@@ -850,7 +838,9 @@ def to_float(x_u8, device):
 @torch.no_grad()
 def latents(ae, x_u8, device):
     """draw(idx): the diffusion model's x_0 for indexed training images, z ~ q(z | x) times the
-    scale factor, from (mean, std) of q computed once."""
+    scale factor, from (mean, std) of q computed once; the images themselves for --pixel."""
+    if ae is None:
+        return lambda idx: to_float(x_u8[idx.cpu()], device)
     stats = [ae.encode(to_float(b, device)) for b in x_u8.split(500)]
     mean, std = torch.cat([m for m, _ in stats]), torch.cat([(0.5 * v).exp() for _, v in stats])
     return lambda idx: ae.scale_factor * (mean[idx] + std[idx] * torch.randn_like(mean[idx]))
@@ -871,9 +861,7 @@ def train_ae(cfg: Config):
     args, x_test = ae_args(cfg, x.shape[1], x.shape[-1]), load_split(cfg, train=False)[0]
     ae = AutoencoderKL(**args["ae"]).to(device)
     recon = lambda xb: ae.decode(ae.encode(xb)[0]).clamp(-1, 1)  # from the mean of q(z | x)
-    loss = lambda net, batch: dict(
-        zip(("loss", "rec", "kl"), ae_loss(net, batch[0], cfg.kl_weight))
-    )
+    loss = lambda net, batch: ae_loss(net, batch[0], cfg.kl_weight)
 
     def state(saving):  # the scale factor of the weights being saved
         if saving:
@@ -898,26 +886,30 @@ def train_ae(cfg: Config):
 
 
 def conditions(cfg: Config, x_u8, y):
-    """The contexts c of the training images (labels, box tokens, or for text a caption maker
-    make(idx, phrasing draws)) and what the checkpoint keeps for sampling: tertiles, held-out
-    test prompts, test layouts, ..."""
+    """c(idx): the contexts of indexed training images (labels, box tokens, or for text the
+    token ids of captions phrased by draws of the training RNG), and what the checkpoint keeps
+    for sampling: tertiles, held-out test prompts, test layouts, ..."""
     if cfg.cond == "layout":  # box tokens, and up to 2,500 test layouts: --sample needs no data
         test = load_split(cfg, train=False)[1][:2500].tolist()
-        return layout_tokens(y, x_u8.shape[-1], cfg.grid), {"test_layouts": test}
+        tokens = layout_tokens(y, x_u8.shape[-1], cfg.grid)
+        return (lambda idx: tokens[idx]), {"test_layouts": test}
     if cfg.cond == "sr" and x_u8.shape[-1] % cfg.sr_factor:
         common.die(f"--sr-factor {cfg.sr_factor} does not divide the image size {x_u8.shape[-1]}")
     if cfg.cond != "text":
-        return y, {}
+        return (lambda idx: y[idx]), {}
     if cfg.dataset.startswith("folder:"):
-        caps = [str(v) for v in folder_metadata(cfg.dataset[len("folder:") :], "text")]
-        return (lambda idx, r: [caps[i] for i in idx.tolist()]), {"test_prompts": caps[:100]}
-    if cfg.dataset not in ("mnist", "mnist-12k"):
+        caps = [str(v) for v in folder_metadata(cfg.dataset[7:], "text")]
+        make, extra = (lambda idx, r: [caps[i] for i in idx.tolist()]), {"test_prompts": caps[:100]}
+    elif cfg.dataset in ("mnist", "mnist-12k"):
+        tert = ink_tertiles(x_u8, y.cpu())
+        digit, attr = y.tolist(), thickness(x_u8, y.cpu(), tert).tolist()
+        make = lambda idx, r: [digit_caption(digit[i], attr[i], v) for i, v in zip(idx.tolist(), r)]
+        extra = {"test_prompts": [f"a {HELD_OUT[d]} {d}" for d in range(10)]}
+        extra["tertiles"] = tert.tolist()
+    else:
         common.die(f"--cond text: no built-in captions for {cfg.dataset}; use folder:PATH")
-    tert = ink_tertiles(x_u8, y.cpu())
-    a = thickness(x_u8, y.cpu(), tert)
-    make = lambda idx, r: [digit_caption(int(y[i]), int(a[i]), v) for i, v in zip(idx.tolist(), r)]
-    prompts = [f"a {HELD_OUT[d]} {d}" for d in range(10)]
-    return make, {"test_prompts": prompts, "tertiles": tert.tolist()}
+    tokens = lambda idx: tokenize(make(idx, torch.rand(len(idx)).tolist()), cfg.max_len)
+    return (lambda idx: tokens(idx).to(y.device)), extra
 
 
 @torch.no_grad()
@@ -936,55 +928,36 @@ def train_ldm(cfg: Config):
     """Stage ldm: the U-Net and context encoder by ldm_loss on scaled latents (or pixels)."""
     device, autocast, x, y, data = begin(cfg)
     ck = common.load_ckpt(Path(cfg.out) / "ckpt.pt") if cfg.resume else {}  # its own AE copy
-    ae, ae_a, shape = None, None, list(x.shape[1:])
-    if not cfg.pixel:
-        ae, ae_a, shape = first_stage(cfg, device, ck if "ae" in ck else None, x)
+    ae, ae_a, shape = first_stage(cfg, device, ck if "ae" in ck else None, x)
     task, labels = cfg.cond, (y[..., 0] if cfg.cond == "layout" else y)
     n_classes = max(int(labels.max()) + 1, 10 if cfg.dataset.startswith("mnist") else 1)
-    c_all, extra = conditions(cfg, x, y)  # contexts, or the caption maker
+    context, extra = conditions(cfg, x, y)
     concat_ch = {"sr": x.shape[1], "inpaint": shape[0] + 1}.get(task, 0)
-    args = ldm_args(cfg, shape[0], n_classes, concat_ch)
+    args, extra = ldm_args(cfg, shape[0], n_classes, concat_ch), dict(extra, shape=shape)
     if ae is not None:
         args["ae"] = ae_a
         extra |= dict(ae=ae, scale_factor=ae.scale_factor.item(), image_shape=list(x.shape[1:]))
     model, sched = LDM(**args["ldm"]).to(device), make_schedule(cfg.T, cfg.schedule, device)
-    draw = latents(ae, x, device) if ae is not None else None
+    draw = latents(ae, x, device)
 
     def loss(net, batch):  # z_0 ~ q(z | x) scaled (or x_0), its context, L_simple
-        xb, idx = batch
-        x0 = xb if ae is None else draw(idx)
-        c = c_all[idx] if task != "text" else None
-        if task == "text":  # each caption phrased by a draw of the training RNG
-            c = tokenize(c_all(idx, torch.rand(len(idx)).tolist()), cfg.max_len).to(device)
-        concat = concat_input(task, ae, xb, cfg.sr_factor, shape[1:])  # sr, inpaint: an image
+        (xb, idx), x0 = batch, draw(batch[1])
+        c, concat = context(idx), concat_input(task, ae, xb, cfg.sr_factor, shape[1:])
         return dict(loss=ldm_loss(net, sched, x0, c, cfg.p_uncond, concat))
 
-    # the fixed grid: 40 from one noise, cycling labels, test layouts, prompts or test images
-    g, grid_cc, i = torch.Generator().manual_seed(cfg.seed), None, torch.arange(40)
-    grid_c = i % n_classes
-    if task in ("sr", "inpaint"):
-        x_test = load_split(cfg, train=False)[0]
-        x_grid, holes = to_float(x_test[i % len(x_test)], device), random_masks(40, x.shape[-1], g)
-        grid_cc = concat_input(task, ae, x_grid, cfg.sr_factor, shape[1:], holes)
-    if task == "layout":
-        boxes = torch.tensor(extra["test_layouts"])
-        grid_c = layout_tokens(boxes[i % len(boxes)], x.shape[-1], cfg.grid)
-    if task == "text":
-        grid_c = tokenize(
-            [extra["test_prompts"][k % len(extra["test_prompts"])] for k in i], cfg.max_len
-        )
-    x_T, s = (
-        torch.randn(40, *shape, generator=g).to(device),
-        1.0 if concat_ch or task == "none" else 3.0,
-    )
+    ck = dict(extra, model_args=args, config=dataclasses.asdict(cfg))
+    x_test = load_split(cfg, train=False)[0][:40] if concat_ch else None
 
-    def picture(done, ema):  # the EMA model's samples at guidance s
-        x = Sampler(ema, ae, sched, autocast, cfg.sample_steps)(x_T, grid_c.to(device), s, grid_cc)
-        common.save_grid(x, Path(cfg.out) / f"samples_{done:06d}.png", nrow=10)
+    def picture(done, ema):  # the EMA model's samples as --sample 40 draws them, fixed noise
+        smp = Sampler(ema, ae, sched, autocast, cfg.sample_steps)
+        path = Path(cfg.out) / f"samples_{done:06d}.png"
+        if concat_ch:  # rows of input | output | original
+            return common.save_grid(restore(cfg, smp, ck, x_test, device)[2], path, nrow=3)
+        c, y, _, cycle = sampling_conditions(cfg, ck, 40)
+        save_picture(path, generate(cfg, smp, ck, c, cfg.guidance, device), task, y, cycle)
 
-    state = lambda saving: dict(extra, shape=shape)  # the autoencoder goes along
     warmup = max(1, min(cfg.warmup, cfg.steps // 20))
-    stage = Stage("ckpt.pt", model, args, loss, state, picture, cfg.ema_decay, warmup)
+    stage = Stage("ckpt.pt", model, args, loss, lambda _: extra, picture, cfg.ema_decay, warmup)
     run_stage(cfg, stage, data, device, autocast)
     return model
 
@@ -992,20 +965,14 @@ def train_ldm(cfg: Config):
 def train_classifier(cfg: Config):
     """Stage classifier: p(y | x_t, t) by cross-entropy on noised latents (or pixels) at t ~ U."""
     device, autocast, x, y, data = begin(cfg)
-    ae, shape = None, list(x.shape[1:])
-    if not cfg.pixel:
-        ae, _, shape = first_stage(cfg, device, None, x)
+    ae, _, shape = first_stage(cfg, device, None, x)
     width, n_classes = (32 if cfg.tiny else 64), int(y.max()) + 1
     args = {"classifier": dict(in_ch=shape[0], ch=width, ch_mult=levels(cfg), n_classes=n_classes)}
-    clf, sched = (
-        NoisyClassifier(**args["classifier"]).to(device),
-        make_schedule(cfg.T, cfg.schedule, device),
-    )
-    draw = latents(ae, x, device) if ae is not None else None
+    clf = NoisyClassifier(**args["classifier"]).to(device)
+    sched, draw = make_schedule(cfg.T, cfg.schedule, device), latents(ae, x, device)
 
     def loss(net, batch):  # x_t ~ q(x_t | x_0) at a random t, then cross-entropy
-        xb, idx = batch
-        x0 = xb if ae is None else draw(idx)  # the LDM's own inputs
+        x0, idx = draw(batch[1]), batch[1]  # the LDM's own inputs
         t = torch.randint(0, cfg.T, (len(x0),), device=device)  # every noise level alike
         logits = net(q_sample(sched, x0, t, torch.randn_like(x0)), t).float()
         acc = (logits.argmax(1) == y[idx]).float().mean()
@@ -1013,9 +980,8 @@ def train_classifier(cfg: Config):
 
     # with the space it classifies, checked against ckpt.pt at sampling
     space = dict(pixel=cfg.pixel, scale_factor=1.0 if ae is None else ae.scale_factor.item())
-    run_stage(
-        cfg, Stage("classifier.pt", clf, args, loss, lambda saving: space), data, device, autocast
-    )
+    stage = Stage("classifier.pt", clf, args, loss, lambda saving: space)
+    run_stage(cfg, stage, data, device, autocast)
     return clf
 
 
@@ -1082,22 +1048,22 @@ def load_classifier(cfg: Config, ck: dict, device):
     return clf.requires_grad_(False)
 
 
-def sampling_conditions(cfg: Config, ck: dict, kind: str, n_classes: int):
-    """(c, labels, thickness words, cycle length) of the N samples: cycled labels or prompts;
-    for layouts (box tokens, boxes in pixels, None, 0)."""
-    idx = torch.arange(cfg.sample)
-    if kind == "layout":
-        size = (ck.get("image_shape") or ck["shape"])[-1]
-        boxes = torch.tensor(ck["test_layouts"])
+def sampling_conditions(cfg: Config, ck: dict, n: int):
+    """(c, labels, thickness words, cycle length) of n samples of a checkpoint's model: cycled
+    labels, or prompts (--prompt, else the held-out test prompts); for layouts (box tokens,
+    boxes in pixels, None, 0) of --layout or the test layouts."""
+    cond, idx = ck["model_args"]["ldm"]["cond"], torch.arange(n)
+    if cond["kind"] == "layout":
+        size, boxes = (ck.get("image_shape") or ck["shape"])[-1], torch.tensor(ck["test_layouts"])
         if cfg.layout:  # a JSON file of layouts
             try:
-                boxes = pad_layouts(json.loads(Path(cfg.layout).read_text()), cfg.layout)
+                layouts = json.loads(Path(cfg.layout).read_text())
             except (OSError, ValueError) as e:
                 common.die(f"cannot read {cfg.layout} as JSON ({type(e).__name__}: {e})")
-            check_layouts(boxes, size, n_classes, cfg.layout)
+            boxes = read_layouts(layouts, size, cond["n_classes"], cfg.layout)
         boxes = boxes[idx % len(boxes)]
-        return layout_tokens(boxes, size, ck["model_args"]["ldm"]["cond"]["grid"]), boxes, None, 0
-    if kind == "text":
+        return layout_tokens(boxes, size, cond["grid"]), boxes, None, 0
+    if cond["kind"] == "text":
         prompts = ck.get("test_prompts", [])
         if cfg.prompt:
             path = Path(cfg.prompt)
@@ -1105,17 +1071,38 @@ def sampling_conditions(cfg: Config, ck: dict, kind: str, n_classes: int):
             prompts = [p.strip() for p in text.splitlines() if p.strip()]
         if not prompts:
             common.die("--prompt: give at least one prompt")
-        cycle = len(prompts)
-        prompts = [prompts[i % cycle] for i in idx.tolist()]
+        cycle, prompts = len(prompts), [prompts[i % len(prompts)] for i in idx.tolist()]
         named = [prompt_digit_and_attr(p) for p in prompts]
-        labels = torch.tensor([d for d, _ in named])
-        ids = tokenize(prompts, ck["model_args"]["ldm"]["cond"]["max_len"])
-        return ids, labels, [a for _, a in named], cycle
-    if cfg.prompt:
-        common.die(f"--prompt needs a text model; this one has --cond {kind}")
-    labels = idx % n_classes  # 0, 1, ..., then again
-    y = labels if kind == "class" or cfg.guide == "classifier" else None
-    return labels, y, None, n_classes if kind == "class" else 0
+        ids = tokenize(prompts, cond["max_len"])
+        return ids, torch.tensor([d for d, _ in named]), [a for _, a in named], cycle
+    labels = idx % cond["n_classes"]  # 0, 1, ..., then again
+    y = labels if cond["kind"] == "class" or cfg.guide == "classifier" else None
+    return labels, y, None, cond["n_classes"] if cond["kind"] == "class" else 0
+
+
+def generate(cfg: Config, smp: Sampler, ck: dict, c, s: float, device, clf=None, y=None):
+    """Images in [-1, 1] on the CPU for the conditions c at guidance s, --batch-size at a time,
+    from one generator seeded by --seed (the same noise at every scale)."""
+    g, xs = torch.Generator(device).manual_seed(cfg.seed), []
+    for i in range(0, len(c), cfg.batch_size):
+        ci = c[i : i + cfg.batch_size].to(device)
+        yi = None if y is None else y[i : i + cfg.batch_size].to(device)
+        x_T = torch.randn(len(ci), *ck["shape"], device=device, generator=g)
+        xs.append(smp(x_T, ci, s, clf=clf, y=yi, g=g).cpu())
+        if cfg.sample:
+            print(f"scale {s:g}: sampled {i + len(ci)}/{len(c)}", flush=True)
+    return torch.cat(xs)
+
+
+def save_picture(path, x, kind: str, y, cycle: int):
+    """Layouts with their boxes drawn; a row per class (or prompt), up to 10 each, where the
+    labels cycle; else a square grid."""
+    if kind == "layout":
+        return common.save_grid(draw_boxes(x[:64], y[:64]), path, nrow=8)
+    m = min(len(x) // max(cycle, 1), 10)
+    if cycle and m:
+        x = x[: m * cycle].view(m, cycle, *x.shape[1:]).transpose(0, 1).flatten(0, 1)
+    common.save_grid(x[:256], path, nrow=m if cycle and m else int(math.sqrt(min(len(x), 256))))
 
 
 def sample(cfg: Config):
@@ -1123,16 +1110,19 @@ def sample(cfg: Config):
     the digit each prompt names; layouts: arr_1 the labels, arr_2 the boxes) and samples.png;
     --sweep adds guidance_<guide>.png."""
     smp, ck, device = load_trained(cfg)
-    kind, n_classes = smp.model.cond.kind, ck["model_args"]["ldm"]["cond"]["n_classes"]
+    kind = smp.model.cond.kind
+    wrong = {
+        "--uncond-paste is inpainting's baseline": cfg.uncond_paste and kind != "inpaint",
+        "--layout needs a layout model": cfg.layout and kind != "layout",
+        "--prompt needs a text model": cfg.prompt and kind != "text",
+        "--guide classifier needs labels": cfg.guide == "classifier" and kind == "layout",
+    }
+    for msg, bad in wrong.items():
+        if bad:
+            common.die(f"{msg}; this model has --cond {kind}")
     if kind in ("sr", "inpaint"):
         return sample_restoration(cfg, smp, ck, device)
-    if cfg.uncond_paste:
-        common.die(f"--uncond-paste is inpainting's baseline; this model has --cond {kind}")
-    if cfg.layout and kind != "layout":
-        common.die(f"--layout needs a layout model; this one has --cond {kind}")
-    if cfg.guide == "classifier" and kind == "layout":
-        common.die("--guide classifier needs one label per image, not a layout")
-    c, y, attrs, cycle = sampling_conditions(cfg, ck, kind, n_classes)
+    c, y, attrs, cycle = sampling_conditions(cfg, ck, cfg.sample)
     clf = load_classifier(cfg, ck, device) if cfg.guide == "classifier" else None
     if clf is not None and (y is None or (y < 0).any()):
         common.die("--guide classifier needs a digit in every prompt")
@@ -1144,23 +1134,10 @@ def sample(cfg: Config):
         common.die(f"--sweep {cfg.sweep}: scales must be at least 0")
     blocks = []
     for s in scales:
-        g = torch.Generator(device).manual_seed(cfg.seed)  # the same noise at every scale
-        xs = []  # batches of images in [-1, 1], on the CPU
-        for i in range(0, cfg.sample, cfg.batch_size):
-            ci = c[i : i + cfg.batch_size].to(device)
-            yi = None if y is None else y[i : i + cfg.batch_size].to(device)
-            x_T = torch.randn(len(ci), *ck["shape"], device=device, generator=g)
-            xs.append(smp(x_T, ci, s, clf=clf, y=yi, g=g).cpu())
-            print(f"scale {s:g}: sampled {i + len(ci)}/{cfg.sample}", flush=True)
-        x = torch.cat(xs)
+        x = generate(cfg, smp, ck, c, s, device, clf, y)
         out = Path(cfg.out) / "sweep" / f"{cfg.guide}_s{s:g}" if cfg.sweep else Path(cfg.out)
         common.save_samples(out, x, (y[..., 0], y) if kind == "layout" else y)
-        if kind == "layout":  # the picture shows the boxes
-            common.save_grid(draw_boxes(x[:64], y[:64]), out / "samples.png", nrow=8)
-        m = min(len(x) // max(cycle, 1), 10)  # the picture: a row per class (or prompt), m each
-        if cycle and m:
-            rows = x[: m * cycle].view(m, cycle, *x.shape[1:]).transpose(0, 1).flatten(0, 1)
-            common.save_grid(rows, out / "samples.png", nrow=m)
+        save_picture(out / "samples.png", x, kind, y, cycle)
         row = {"scale": s, "guide": cfg.guide, "n": cfg.sample, "step": ck["step"]}
         if attrs is not None and "tertiles" in ck:  # thin/thick by the captions' own measure
             got = thickness(((x + 1) * 127.5).round(), y.clamp(min=0), torch.tensor(ck["tertiles"]))
@@ -1197,52 +1174,52 @@ def repaint_paste(sched, z_known, known, g):
     return after
 
 
-def sample_restoration(cfg: Config, smp: Sampler, ck: dict, device):
-    """sr / inpaint --sample N: the first N test images (cycled), restored at --restore-guidance,
-    into samples.npz: arr_0 the outputs, arr_1 the digits' labels, arr_2 the conditions (sr: the
-    low-res inputs; inpaint: the masks, 1 = hole), arr_3 the originals, which evaluate.py
-    --restoration scores beside bicubic or mean fill; samples.png rows input | output | original.
-    --uncond-paste: the unconditional model with paste-back instead, into <out>/uncond_paste/."""
+def restore(cfg: Config, smp: Sampler, ck: dict, x_u8, device, paste=False):
+    """sr / inpaint of test images x_u8 at --restore-guidance, with the null context (guidance
+    weighs the image condition alone), --batch-size at a time; paste: the unconditional model
+    (s = 0) with paste-back instead. Returns (outputs, the conditions: sr the low-res inputs,
+    inpaint the masks (1 = hole), and rows input | output | original for the picture)."""
     task, factor = smp.model.cond.kind, ck["config"]["sr_factor"]
     g = torch.Generator(device).manual_seed(cfg.seed)
-    if cfg.uncond_paste and task != "inpaint":
-        common.die("--uncond-paste is inpainting's baseline; this model has --cond sr")
-
-    def run(cc, after=None):  # the null context: guidance weighs the image condition alone
-        x_T = torch.randn(len(cc), *ck["shape"], device=device, generator=g)
-        c = torch.zeros(len(cc), dtype=torch.long, device=device)
-        s = 0.0 if cfg.uncond_paste else cfg.restore_guidance  # s = 0: eps_u
-        return smp(x_T, c, s, cc, g=g, after=after)
-
-    x_u8, y = load_split(common.from_run(cfg, ck), train=False)
-    idx = torch.arange(cfg.sample) % len(x_u8)
-    holes = random_masks(cfg.sample, x_u8.shape[-1], torch.Generator().manual_seed(cfg.seed))
-    outs, conds, shown = [], [], []
-    for i in range(0, cfg.sample, cfg.batch_size):
-        x = to_float(x_u8[idx[i : i + cfg.batch_size]], device)
+    holes = random_masks(len(x_u8), x_u8.shape[-1], torch.Generator().manual_seed(cfg.seed))
+    outs, conds, rows = [], [], None
+    for i in range(0, len(x_u8), cfg.batch_size):
+        x = to_float(x_u8[i : i + cfg.batch_size], device)
+        hole, after = holes[i : i + len(x)].to(device), None
         if task == "sr":
-            cond = F.avg_pool2d(x, factor)  # the low-res input, area-averaged
-            out = run(sr_condition(x, factor, ck["shape"][1:]))
+            cond, cc = F.avg_pool2d(x, factor), sr_condition(x, factor, ck["shape"][1:])
             seen = F.interpolate(cond, scale_factor=factor, mode="nearest")
         else:
-            cond = holes[i : i + len(x)].to(device)
-            cc = inpaint_condition(smp.ae, x, cond)  # cc[:, :-1]: the masked image's latent
-            after = repaint_paste(smp.sched, cc[:, :-1], 1 - cond, g) if cfg.uncond_paste else None
-            out = paste_known(x, cond, run(cc, after))  # the known pixels, pasted back
-            seen = paste_known(x, cond, torch.zeros_like(x))
-        outs.append(out.cpu())
-        conds.append(cond.cpu())
-        shown.append(torch.stack([seen, out, x], 1)[:8].cpu())  # (b, 3, C, H, W)
-        print(f"{task}: restored {i + len(x)}/{cfg.sample}", flush=True)
-    out = Path(cfg.out) / ("uncond_paste" if cfg.uncond_paste else "")
-    u8 = lambda t: ((t + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    cond = torch.cat(conds)
-    cond = u8(cond) if task == "sr" else cond.to(torch.uint8).permute(0, 2, 3, 1)  # NHWC
-    common.save_samples(out, torch.cat(outs), [y[idx], cond, x_u8[idx].permute(0, 2, 3, 1)])
-    rows = torch.cat(shown)[:8]
-    common.save_grid(rows.flatten(0, 1), out / "samples.png", nrow=3)
-    print(f"wrote {out}/samples.npz and samples.png; score: python evaluate.py "
-          f"{out}/samples.npz --restoration {task}")  # fmt: skip
+            cond, cc = hole, inpaint_condition(smp.ae, x, hole)  # the masked image's latent
+            after = repaint_paste(smp.sched, cc[:, :-1], 1 - hole, g) if paste else None
+            seen = paste_known(x, hole, torch.zeros_like(x))
+        x_T = torch.randn(len(x), *ck["shape"], device=device, generator=g)
+        c = torch.zeros(len(x), dtype=torch.long, device=device)  # the null context
+        out = smp(x_T, c, 0.0 if paste else cfg.restore_guidance, cc, g=g, after=after)
+        out = out if task == "sr" else paste_known(x, hole, out)  # the known pixels, pasted back
+        outs, conds = outs + [out.cpu()], conds + [cond.cpu()]
+        rows = rows if i else torch.stack([seen, out, x], 1)[:8].flatten(0, 1).cpu()
+        if cfg.sample:
+            print(f"{task}: restored {i + len(x)}/{len(x_u8)}", flush=True)
+    return torch.cat(outs), torch.cat(conds), rows
+
+
+def sample_restoration(cfg: Config, smp: Sampler, ck: dict, device):
+    """sr / inpaint --sample N: the first N test images (cycled), restored, into samples.npz:
+    arr_0 the outputs, arr_1 the digits' labels, arr_2 the conditions (sr: the low-res inputs;
+    inpaint: the masks, 1 = hole), arr_3 the originals, which evaluate.py --restoration scores
+    beside bicubic or mean fill; samples.png rows input | output | original. --uncond-paste: the
+    unconditional model with paste-back instead, into <out>/uncond_paste/."""
+    x_u8, y = load_split(common.from_run(cfg, ck), train=False)
+    idx = torch.arange(cfg.sample) % len(x_u8)
+    out, cond, rows = restore(cfg, smp, ck, x_u8[idx], device, cfg.uncond_paste)
+    u8 = lambda t: ((t + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    cond = (u8(cond) if smp.model.cond.kind == "sr" else cond.to(torch.uint8)).permute(0, 2, 3, 1)
+    path = Path(cfg.out) / ("uncond_paste" if cfg.uncond_paste else "")
+    common.save_samples(path, out, [y[idx], cond, x_u8[idx].permute(0, 2, 3, 1)])
+    common.save_grid(rows, path / "samples.png", nrow=3)
+    print(f"wrote {path}/samples.npz and samples.png; score: python evaluate.py "
+          f"{path}/samples.npz --restoration {smp.model.cond.kind}")  # fmt: skip
 
 
 def train(cfg: Config):

@@ -438,14 +438,18 @@ def test_bad_user_inputs_are_one_line(tmp_path, capsys):
         assert e.value.code == 2
         return capsys.readouterr().err
 
-    boxes = L.pad_layouts([[[3, 0, 0, 20, 20]], [[1, 40, 40, 70, 60], [2, 0, 0, 5, 5]]], "f")
-    assert boxes.shape == (2, 2, 5) and boxes[0, 1].tolist() == [-1] * 5
-    assert "not inside the 64x64 canvas" in error(L.check_layouts, boxes, 64, 10, "f")
-    assert "label 12 is out of range 0-9" in error(
-        L.check_layouts, L.pad_layouts([[[12, 0, 0, 9, 9]]], "f"), 64, 10, "f"
+    boxes = L.read_layouts(
+        [[[3, 0, 0, 20, 20]], [[1, 40, 40, 60, 60], [2, 0, 0, 5, 5]]], 64, 10, "f"
     )
-    assert "a layout is a list" in error(L.pad_layouts, [[[1, 2, 3]]], "f")
-    assert "non-negative" in error(L.pad_layouts, [[[1, -2, 3, 4, 5]]], "f")
+    assert boxes.shape == (2, 2, 5) and boxes[0, 1].tolist() == [-1] * 5
+    assert "box [40, 40, 70, 60] is not inside the 64x64 canvas" in error(
+        L.read_layouts, [[[1, 40, 40, 70, 60]]], 64, 10, "f"
+    )
+    assert "not inside" in error(L.read_layouts, [[[1, 9, 3, 4, 5]]], 64, 10, "f")  # x0 >= x1
+    assert "not inside" in error(L.read_layouts, [[[1, -2, 3, 4, 5]]], 64, 10, "f")
+    assert "a label is out of range 0-9" in error(L.read_layouts, [[[12, 0, 0, 9, 9]]], 64, 10, "f")
+    assert "out of range" in error(L.read_layouts, [[[-3, 0, 0, 9, 9]]], 64, 10, "f")
+    assert "a layout is a list" in error(L.read_layouts, [[[1, 2, 3]]], 64, 10, "f")
     u8, y = torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2).long()
     msg = error(L.conditions, L.Config(cond="sr", sr_factor=3), u8, y)
     assert "--sr-factor 3 does not divide the image size 28" in msg
