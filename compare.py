@@ -364,6 +364,10 @@ def report(rows: list, docs: Path):
             vals = [n, fmt(r["minutes"]), *(fmt(r.get(c)) for c in cols)]
             vals += [fmt(r["train_img_s"]), fmt(r["sample_img_s"]), fmt(r["params_M"]), r["commit"]]
             lines.append("| " + " | ".join(vals) + " |")
+        if kind == "generator":
+            lines += ["", "bpd: test bits/dim, exact for the flows and PPCA (8-bit digits, "
+                      "dequantized); the VAE's is an IWAE bound on binarized digits (its Bernoulli "
+                      "decoder), so it is not on the flows' scale."]  # fmt: skip
         lines += ["", f"FID-CNN over training minutes ({', '.join(map(fmt, mins))}):", ""]
         lines += ["| family | " + " | ".join(f"{m:g} min" for m in mins) + " |"]
         lines += ["|---|" + "---|" * len(mins)]
@@ -372,6 +376,9 @@ def report(rows: list, docs: Path):
                 f"| {n} | " + " | ".join(fmt(final.get((n, m), {}).get("fid")) for m in mins) + " |"
             )
         lines.append("")
+    missing = [n for n in FAMILIES if (n, mins[-1]) not in final]
+    if missing:  # a measurement still under way says so, row by row
+        lines += [f"Not measured yet at {mins[-1]:g} minutes: {', '.join(missing)}.", ""]
     lines += ["![FID-CNN over minutes; at the end, against sampling speed](compare.png)", ""]
     (docs / "compare.md").write_text("\n".join(lines))
     plot(final, mins, docs / "compare.png")
