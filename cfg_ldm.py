@@ -1218,8 +1218,8 @@ def sample_restoration(cfg: Config, smp: Sampler, ck: dict, device):
     path = Path(cfg.out) / ("uncond_paste" if cfg.uncond_paste else "")
     common.save_samples(path, out, [y[idx], cond, x_u8[idx].permute(0, 2, 3, 1)])
     common.save_grid(rows, path / "samples.png", nrow=3)
-    print(f"wrote {path}/samples.npz and samples.png; score: python evaluate.py "
-          f"{path}/samples.npz --restoration {smp.model.cond.kind}")  # fmt: skip
+    score = f"python evaluate.py {path}/samples.npz --restoration {smp.model.cond.kind}"
+    print(f"wrote {path}/samples.npz and samples.png; score: {score}")
 
 
 def train(cfg: Config):

@@ -249,8 +249,8 @@ def measure(name, fam: Family, budget: float, out: Path, done: set, args, write)
     scale = budget / POINTS[-1][0]
     first = sum(share * budget for _, _, share in fam.stages[:-1])  # minutes of the early stages
     rows, h = [], digest(name, fam, budget)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"  # fmt: skip
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True)
+    commit = git.stdout.decode().strip() or "unknown"
     files = sorted({s for s, _, _ in fam.stages} | {"common.py", "evaluate.py"})
     if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *files], cwd=ROOT).returncode:
         commit += "+changes"  # the files it depends on differ from that commit's
@@ -277,8 +277,8 @@ def measure(name, fam: Family, budget: float, out: Path, done: set, args, write)
         call([script, *flags.split(), "--out", out, *last, *resume])
         (out / "last.started").touch()  # the next point resumes the last stage
         reached.write_text(f"{h} {minutes}")
-        sample_out, secs = call([script, "--out", out, "--sample", n, "--batch-size", 500,
-                                 *fam.sample.split()])  # fmt: skip
+        sampling = [script, "--out", out, "--sample", n, "--batch-size", 500, *fam.sample.split()]
+        sample_out, secs = call(sampling)
         evaluate = ["evaluate.py", out / "samples.npz", *DATA.split(), *fam.score.split()]
         scored = last_json(call([*evaluate, *args.score_flags.split()])[0])
         row = dict(family=name, minutes=minutes, hash=h, commit=commit, device="cpu")
@@ -365,9 +365,9 @@ def report(rows: list, docs: Path):
             vals += [fmt(r["train_img_s"]), fmt(r["sample_img_s"]), fmt(r["params_M"]), r["commit"]]
             lines.append("| " + " | ".join(vals) + " |")
         if kind == "generator":
-            lines += ["", "bpd: test bits/dim, exact for the flows and PPCA (8-bit digits, "
-                      "dequantized); the VAE's is an IWAE bound on binarized digits (its Bernoulli "
-                      "decoder), so it is not on the flows' scale."]  # fmt: skip
+            bpd = "bpd: test bits/dim, exact for the flows and PPCA (8-bit digits, dequantized); "
+            bpd += "the VAE's is an IWAE bound on binarized digits (its Bernoulli decoder), "
+            lines += ["", bpd + "so it is not on the flows' scale."]
         lines += ["", f"FID-CNN over training minutes ({', '.join(map(fmt, mins))}):", ""]
         lines += ["| family | " + " | ".join(f"{m:g} min" for m in mins) + " |"]
         lines += ["|---|" + "---|" * len(mins)]
