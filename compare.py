@@ -5,6 +5,7 @@ by the same evaluator, re-measured by one command.
   python compare.py                          # every row at 2.5, 5 and 10 minutes (hours; resumable)
   python compare.py --families dcgan,vae     # some rows; -h lists them
   python compare.py --report                 # docs/compare.md, compare.png and README's table
+  python compare.py --run 2 --families dcgan,vae   # the same rows again: the run-to-run spread
 
 Each family trains its CPU recipe with `--minutes` (the loop's own clock: pictures and checkpoints
 do not count) and is sampled at 2.5 and 5 minutes (1,000 samples) and at 10 (2,500) by resuming,
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parent
 PY = sys.executable
 DATA = "--dataset mnist-12k"
 DIGITS = "--digits mnist-12k"
+MACHINE = platform.processor() or platform.machine()
 
 
 @dataclasses.dataclass
@@ -281,8 +283,8 @@ def measure(name, fam: Family, budget: float, out: Path, done: set, args, write)
         sample_out, secs = call(sampling)
         evaluate = ["evaluate.py", out / "samples.npz", *DATA.split(), *fam.score.split()]
         scored = last_json(call([*evaluate, *args.score_flags.split()])[0])
-        row = dict(family=name, minutes=minutes, hash=h, commit=commit, device="cpu")
-        row |= dict(machine=platform.processor() or platform.machine(), threads=os.cpu_count())
+        row = dict(family=name, minutes=minutes, hash=h, run=args.run, commit=commit)
+        row |= dict(device="cpu", machine=MACHINE, threads=os.cpu_count())
         row |= checkpoint_facts(out)
         row |= dict(train_img_s=round(row["images"] / max(row["seconds"], 1e-9), 1))
         row |= dict(sample_img_s=round(n / secs, 1), n=n)  # the whole --sample call, start-up too
@@ -308,8 +310,45 @@ def fmt(v) -> str:
 
 
 def latest(rows: list) -> dict:
-    """The latest line of each (family, minutes)."""
-    return {(r["family"], r["minutes"]): r for r in rows}
+    """The latest line of each (family, minutes) of the first run (repeats only give spreads)."""
+    return {(r["family"], r["minutes"]): r for r in rows if r.get("run", 1) == 1}
+
+
+def spread(rows: list) -> list:
+    """compare.md's lines on the run-to-run spread: each repeated line beside the first run's
+    line of the same family, minutes and hash, and the largest relative FID-CNN difference."""
+    first = {(r["family"], r["minutes"], r["hash"]): r for r in rows if r.get("run", 1) == 1}
+    pairs = [
+        (first[k], r)
+        for r in rows
+        if r.get("run", 1) > 1 and (k := (r["family"], r["minutes"], r["hash"])) in first
+    ]
+    if not pairs:
+        return []
+    cols = ("fid", "precision", "recall", "train_img_s")
+    lines = ["## Run-to-run spread", ""]
+    lines += [
+        "The same rows measured again by `python compare.py --run 2 --families ...` (same "
+        "code, seeds and machine kind; the budget is wall time, so the steps differ):",
+        "",
+    ]
+    lines += ["| family | minutes | run | " + " | ".join(NAMES.get(c, c) for c in cols) + " |"]
+    lines += ["|---|---|---|" + "---|" * len(cols)]
+    for a, b in pairs:
+        for r in (a, b):
+            lines.append(
+                f"| {r['family']} | {fmt(r['minutes'])} | {r.get('run', 1)} | "
+                + " | ".join(fmt(r.get(c)) for c in cols)
+                + " |"
+            )
+    rel = max(abs(a["fid"] - b["fid"]) / min(a["fid"], b["fid"]) for a, b in pairs)
+    lines += [
+        "",
+        f"Between two runs of a row, FID-CNN differs by up to {rel:.0%}: a difference "
+        "smaller than that between two rows of the table is not a result.",
+        "",
+    ]
+    return lines
 
 
 NAMES = dict(fid="FID-CNN", bpd="bits/dim", cond_acc="digit acc", l1="L1", mass_moved="ink moved")
@@ -376,6 +415,7 @@ def report(rows: list, docs: Path):
                 f"| {n} | " + " | ".join(fmt(final.get((n, m), {}).get("fid")) for m in mins) + " |"
             )
         lines.append("")
+    lines += spread(rows)
     missing = [n for n in FAMILIES if (n, mins[-1]) not in final]
     if missing:  # a measurement still under way says so, row by row
         lines += [f"Not measured yet at {mins[-1]:g} minutes: {', '.join(missing)}.", ""]
@@ -427,6 +467,13 @@ def main(argv=None):
     p.add_argument(
         "--docs", default="docs", help="where compare.jsonl, .md, .png go (default: docs)"
     )
+    p.add_argument(
+        "--run",
+        type=int,
+        default=1,
+        help="a repeat, for the run-to-run spread: run 2's lines go beside run 1's and never "
+        "replace its figures (default: 1)",
+    )
     p.add_argument("--report", action="store_true", help="only rewrite the report from the lines")
     p.add_argument(
         "--samples", type=int, default=0, help="samples at every point (default: 0, as above)"
@@ -441,8 +488,8 @@ def main(argv=None):
     unknown = [n for n in names if n not in FAMILIES]
     if unknown:
         die(f"--families: unknown {', '.join(unknown)} (known: {fams})")
-    if args.minutes <= 0:
-        die(f"--minutes {args.minutes}: must be positive")
+    if args.minutes <= 0 or args.run < 1:
+        die(f"--minutes {args.minutes}, --run {args.run}: must be positive")
     docs = Path(args.docs)
     jsonl = docs / "compare.jsonl"
     rows = read_lines(jsonl)
@@ -454,8 +501,11 @@ def main(argv=None):
     if not args.report:
         for name in names:
             fam = FAMILIES[name]
-            done = {(r["family"], r["minutes"], r["hash"]) for r in rows}
-            rows += measure(name, fam, args.minutes, Path(args.out) / name, done, args, write)
+            done = {
+                (r["family"], r["minutes"], r["hash"]) for r in rows if r.get("run", 1) == args.run
+            }
+            out = Path(args.out) / (name if args.run == 1 else f"{name}.run{args.run}")
+            rows += measure(name, fam, args.minutes, out, done, args, write)
     report(rows, docs)
     print(f"wrote {docs}/compare.md and compare.png from {len(rows)} lines of {jsonl}")
     if docs.resolve() == ROOT / "docs":  # README's table only from the repository's own lines

@@ -90,7 +90,7 @@ def test_an_interrupted_family_keeps_its_lines_and_never_mislabels_a_point(tmp_p
     is measured again from nothing instead of being scored as that point."""
     fam, calls, kept = compare.FAMILIES["dcgan"], [], []
     h = compare.digest("dcgan", fam, 10.0)
-    args = type("Args", (), dict(samples=10, score_flags=""))()
+    args = type("Args", (), dict(samples=10, score_flags="", run=1))()
 
     def call(cmd, timeout=3600):
         calls.append([str(c) for c in cmd])
@@ -115,3 +115,22 @@ def test_an_interrupted_family_keeps_its_lines_and_never_mislabels_a_point(tmp_p
     compare.measure("dcgan", fam, 10.0, out, {("dcgan", 2.5, h)}, args, kept.append)
     assert "--resume" not in trained()[0]  # from nothing: 10 minutes are not 5
     assert [c[c.index("--minutes") + 1] for c in trained()] == ["5.0", "10.0"]
+
+
+def test_a_repeated_row_gives_the_spread_and_never_replaces_the_first_run(tmp_path):
+    """Lines of `--run 2` stand beside run 1's of the same hash in a spread table with the
+    largest relative FID-CNN difference; the tables and README's cells keep run 1's figures."""
+    row = {k: 0 for k in compare.FIELDS} | dict(family="dcgan", minutes=10.0, hash="h", commit="c")
+    rows = [
+        row | dict(fid=100.0),
+        row | dict(fid=120.0, run=2),
+        row | dict(fid=1.0, hash="x", run=2),
+    ]
+    assert compare.latest(rows)[("dcgan", 10.0)]["fid"] == 100.0
+    compare.report(rows, tmp_path)
+    md = (tmp_path / "compare.md").read_text()
+    assert "| dcgan | 10 | 1 | 100 |" in md and "| dcgan | 10 | 2 | 120 |" in md
+    assert "differs by up to 20%" in md and "| 1 |" not in md.split("Run-to-run")[0]
+    assert "dcgan: FID-CNN 100 (`c`)" in compare.readme_table(
+        rows, "| `gan.py` | p | r | x | y |\n"
+    )
