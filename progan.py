@@ -216,7 +216,7 @@ class StyleLayer(nn.Module):
     per-channel scales (B in Fig. 1b, zero at init), LReLU, AdaIN: instance norm, x y_s + y_b, (y_s,
     y_b) an affine map of w (A in Fig. 1b, y_s biased to 1): every channel's mean becomes y_b.
     demod, StyleGAN2 (Sec. 2.2): the conv's weights modulated by s(w), w' = s_i w_ijk (Eq. 1), and
-    demodulated to unit norm per output channel (Eq. 3); noise, bias, LReLU; no normalisation."""
+    demodulated to unit norm per output channel (Eq. 3); noise, bias, LReLU times sqrt(2)."""
 
     def __init__(self, cin: int, cout: int, w_dim: int, up=False, conv=True, demod=False):
         super().__init__()
@@ -240,8 +240,8 @@ class StyleLayer(nn.Module):
         if noise is None:
             noise = torch.randn(len(x), 1, *x.shape[2:], device=x.device, dtype=x.dtype)
         x = lrelu(x + self.noise_scale * noise)  # (B, C, H, W) + (1, C, 1, 1) (B, 1, H, W)
-        if self.demod:
-            return x
+        if self.demod:  # StyleGAN2's bias_act gain: demodulation took He's sqrt(2) out of the conv
+            return x * SQRT2
         ys, yb = self.style(w)[:, :, None, None].chunk(2, 1)  # (B, C, 1, 1) each
         return F.instance_norm(x.float(), eps=1e-8).to(x.dtype) * ys + yb
 

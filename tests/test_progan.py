@@ -177,6 +177,21 @@ def test_brightness_is_the_last_style_under_adain_and_not_under_demodulation():
     assert (means[True][0] - means[True][1]).abs().min() > 1e-3
 
 
+def test_demodulated_layers_keep_the_signal_through_depth():
+    """Demodulation maps unit-variance inputs to unit-variance outputs and LReLU halves the mean
+    square (to (1 + 0.2^2) / 2), so StyleGAN2 multiplies by sqrt(2) after it (bias_act's gain):
+    one layer keeps E[x^2] near 1.04, not 0.52, and eight layers do not fade the content to
+    their biases and noise (0.52^8 = 0.005)."""
+    torch.manual_seed(0)
+    x, w, zero = torch.randn(8, 64, 8, 8), torch.randn(8, 16), torch.zeros(8, 1, 8, 8)
+    ms = []
+    with torch.no_grad():
+        for _ in range(8):
+            x = P.StyleLayer(64, 64, 16, demod=True)(x, w, zero)
+            ms.append(x.pow(2).mean().item())
+    assert 0.85 < ms[0] < 1.25 and 0.3 < ms[-1] < 3, ms
+
+
 def test_adam_restarts_at_every_fade_and_every_stable_phase():
     idx = lambda n: P.phase_index(n, 32, 1.0)  # 1,000 images a phase
     starts = [n for n in range(1, 12000) if idx(n) != idx(n - 1)]
