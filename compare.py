@@ -341,14 +341,15 @@ def spread(rows: list) -> list:
                 + " | ".join(fmt(r.get(c)) for c in cols)
                 + " |"
             )
-    rel = max(abs(a["fid"] - b["fid"]) / min(a["fid"], b["fid"]) for a, b in pairs)
-    lines += [
-        "",
-        f"Between two runs of a row, FID-CNN differs by up to {rel:.0%}: a difference "
-        "smaller than that between two rows of the table is not a result.",
-        "",
-    ]
-    return lines
+    fids = [(a["fid"], b["fid"]) for a, b in pairs if a.get("fid") and b.get("fid")]
+    if fids:  # a translator's row may have no FID-CNN
+        rel = max(abs(u - v) / min(u, v) for u, v in fids)
+        lines += [
+            "",
+            f"Between two runs of a row, FID-CNN differs by up to {rel:.0%}: a "
+            "difference smaller than that between two rows of the table is not a result.",
+        ]
+    return lines + [""]
 
 
 NAMES = dict(fid="FID-CNN", bpd="bits/dim", cond_acc="digit acc", l1="L1", mass_moved="ink moved")

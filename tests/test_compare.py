@@ -130,6 +130,7 @@ def test_a_repeated_row_gives_the_spread_and_never_replaces_the_first_run(tmp_pa
     compare.report(rows, tmp_path)
     md = (tmp_path / "compare.md").read_text()
     assert "| dcgan | 10 | 1 | 100 |" in md and "| dcgan | 10 | 2 | 120 |" in md
+    assert compare.spread([row | dict(fid=None), row | dict(run=2)])[0] == "## Run-to-run spread"
     assert "differs by up to 20%" in md and "| 1 |" not in md.split("Run-to-run")[0]
     assert "dcgan: FID-CNN 100 (`c`)" in compare.readme_table(
         rows, "| `gan.py` | p | r | x | y |\n"
