@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -309,6 +310,21 @@ def fmt(v) -> str:
     return "" if v is None else f"{v:,.4g}" if isinstance(v, float) else f"{v:,}"
 
 
+def baseline(r: dict) -> str:
+    """A translator's no-learning baseline, scored as its outputs: bicubic upsampling (SR), the
+    mean fill (inpainting), the source returned unchanged (CycleGAN, UNIT)."""
+    for pre, name in (("bicubic_", "bicubic"), ("mean_fill_", "mean fill")):
+        if pre + "cond_acc" in r:
+            psnr = r.get(pre + "psnr", r.get(pre + "psnr_in_holes"))
+            acc, fid = fmt(r[pre + "cond_acc"]), fmt(r.get(pre + "fid"))
+            return f"{name}: psnr {fmt(psnr)}, digit acc {acc}, FID-CNN {fid}"
+    return (
+        f"source as output: L1 {fmt(r['l1_source_as_output'])}"
+        if "l1_source_as_output" in r
+        else ""
+    )
+
+
 def latest(rows: list) -> dict:
     """The latest line of each (family, minutes) of the first run (repeats only give spreads)."""
     return {(r["family"], r["minutes"]): r for r in rows if r.get("run", 1) == 1}
@@ -341,18 +357,28 @@ def spread(rows: list) -> list:
                 + " | ".join(fmt(r.get(c)) for c in cols)
                 + " |"
             )
-    fids = [(a["fid"], b["fid"]) for a, b in pairs if a.get("fid") and b.get("fid")]
+    gap = lambda u, v: abs(u - v) / min(u, v)
+    fids = [(a["minutes"], a["fid"], b["fid"]) for a, b in pairs if a.get("fid") and b.get("fid")]
     if fids:  # a translator's row may have no FID-CNN
-        rel = max(abs(u - v) / min(u, v) for u, v in fids)
+        end = max(m for m, _, _ in fids)  # the headline's budget
+        rel = max(gap(u, v) for _, u, v in fids)
+        last = max(gap(u, v) for m, u, v in fids if m == end)
+        ims = [(a["train_img_s"], b["train_img_s"]) for a, b in pairs]
+        speed = max((gap(u, v) for u, v in ims if u and v), default=0.0)
         lines += [
             "",
-            f"Between two runs of a row, FID-CNN differs by up to {rel:.0%}: a "
-            "difference smaller than that between two rows of the table is not a result.",
+            f"Between two runs of a row, FID-CNN differs by up to {rel:.0%} ({last:.0%} at "
+            f"{end:g} minutes) and training images/s by up to {speed:.0%}: a difference smaller "
+            "than that between two rows of the table is not a result.",
         ]
     return lines + [""]
 
 
 NAMES = dict(fid="FID-CNN", bpd="bits/dim", cond_acc="digit acc", l1="L1", mass_moved="ink moved")
+NAMES |= dict(bicubic_psnr="bicubic's psnr", psnr_in_holes="psnr in the holes", box_acc="box acc")
+NAMES |= dict(
+    mean_fill_psnr_in_holes="mean fill's", colour_acc="colour acc", thick_acc="thickness acc"
+)
 
 
 def readme_table(rows: list, text: str) -> str:
@@ -396,18 +422,27 @@ def report(rows: list, docs: Path):
         names = [n for n, f in FAMILIES.items() if f.kind == kind and (n, mins[-1]) in final]
         if not names:
             continue
-        head = ["family", "minutes", *cols, "train img/s", "sample img/s", "params M", "commit"]
+        head = ["family", "minutes", *cols, *(["baseline"] if kind == "translator" else [])]
+        head += ["train img/s", "sample img/s", "params M", "commit"]
         lines += [f"## {kind}s at {mins[-1]:g} minutes", "", "| " + " | ".join(head) + " |"]
         lines += ["|" + "---|" * len(head)]
         for n in names:
             r = final[(n, mins[-1])]
-            vals = [n, fmt(r["minutes"]), *(fmt(r.get(c)) for c in cols)]
+            vals = [n, fmt(r["minutes"]), *(fmt(r.get(c, r.get(c + "_in_holes"))) for c in cols)]
+            vals += [baseline(r)] if kind == "translator" else []
             vals += [fmt(r["train_img_s"]), fmt(r["sample_img_s"]), fmt(r["params_M"]), r["commit"]]
             lines.append("| " + " | ".join(vals) + " |")
         if kind == "generator":
             bpd = "bpd: test bits/dim, exact for the flows and PPCA (8-bit digits, dequantized); "
             bpd += "the VAE's is an IWAE bound on binarized digits (its Bernoulli decoder), "
-            lines += ["", bpd + "so it is not on the flows' scale."]
+            bpd += "so it is not on the flows' scale. ldm_classifier's steps, images and train "
+            lines += [
+                "",
+                bpd + "img/s are its LDM stage's (70% of the budget), not its classifier's.",
+            ]
+        else:
+            tr = "psnr: over the whole image, for ldm_inpaint in the holes only; baseline: "
+            lines += ["", tr + "the same scores of an output that learns nothing."]
         lines += ["", f"FID-CNN over training minutes ({', '.join(map(fmt, mins))}):", ""]
         lines += ["| family | " + " | ".join(f"{m:g} min" for m in mins) + " |"]
         lines += ["|---|" + "---|" * len(mins)]
@@ -433,18 +468,27 @@ def plot(final: dict, mins: list, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5))
-    for n, f in FAMILIES.items():
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5.5))
+    gens = [n for n, f in FAMILIES.items() if f.kind == "generator"]
+    colours = plt.get_cmap("tab20").colors  # 20 colours: a family keeps its own on both sides
+    labels, above = [], []  # a label goes below its point where a neighbour's is above
+    for i, n in enumerate(gens):
         pts = [
             (m, final[(n, m)]["fid"]) for m in mins if (n, m) in final and "fid" in final[(n, m)]
         ]
-        if f.kind != "generator" or not pts:
+        if not pts:
             continue
-        a.plot(*zip(*pts), marker="o", label=n)
+        style = dict(color=colours[(2 * i) % 20 + (2 * i) // 20], marker="osD^vP"[i % 6])
+        a.plot(*zip(*pts), label=n, **style)
         end = final.get((n, mins[-1]))
         if end and "fid" in end:
-            b.scatter(end["sample_img_s"], end["fid"])
-            b.annotate(n, (end["sample_img_s"], end["fid"]), fontsize=8)
+            b.scatter(end["sample_img_s"], end["fid"], **style)
+            labels.append((end["sample_img_s"], end["fid"], n))
+    for x, y, n in sorted(labels):
+        near = any(abs(math.log(x / u)) < 0.4 and abs(math.log(y / v)) < 0.15 for u, v in above)
+        at = (5, -11) if near else (5, 4)
+        above += [(x, y)] if at[1] > 0 else []
+        b.annotate(n, (x, y), at, textcoords="offset points", fontsize=8)
     a.set(xlabel="training minutes (2-core CPU)", ylabel="FID-CNN", yscale="log")
     b.set(
         xlabel="sampling images/s",
@@ -452,8 +496,8 @@ def plot(final: dict, mins: list, path: Path):
         xscale="log",
         yscale="log",
     )
-    a.legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(loc="lower center", ncol=len(gens), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)
 
 

@@ -122,8 +122,8 @@ def test_a_repeated_row_gives_the_spread_and_never_replaces_the_first_run(tmp_pa
     largest relative FID-CNN difference; the tables and README's cells keep run 1's figures."""
     row = {k: 0 for k in compare.FIELDS} | dict(family="dcgan", minutes=10.0, hash="h", commit="c")
     rows = [
-        row | dict(fid=100.0),
-        row | dict(fid=120.0, run=2),
+        row | dict(fid=100.0, train_img_s=100.0),
+        row | dict(fid=120.0, run=2, train_img_s=110.0),
         row | dict(fid=1.0, hash="x", run=2),
     ]
     assert compare.latest(rows)[("dcgan", 10.0)]["fid"] == 100.0
@@ -131,7 +131,29 @@ def test_a_repeated_row_gives_the_spread_and_never_replaces_the_first_run(tmp_pa
     md = (tmp_path / "compare.md").read_text()
     assert "| dcgan | 10 | 1 | 100 |" in md and "| dcgan | 10 | 2 | 120 |" in md
     assert compare.spread([row | dict(fid=None), row | dict(run=2)])[0] == "## Run-to-run spread"
-    assert "differs by up to 20%" in md and "| 1 |" not in md.split("Run-to-run")[0]
+    assert (
+        "differs by up to 20% (20% at 10 minutes) and training images/s by up to 10%" in md
+        and "| 1 |" not in md.split("Run-to-run")[0]
+    )
     assert "dcgan: FID-CNN 100 (`c`)" in compare.readme_table(
         rows, "| `gan.py` | p | r | x | y |\n"
     )
+
+
+def test_a_translator_row_shows_its_no_learning_baseline_beside_it(tmp_path):
+    """The translators' table puts each row's baseline (bicubic, mean fill, the source) beside
+    it, and ldm_inpaint's PSNR in the holes fills the psnr column."""
+    row = {k: 0 for k in compare.FIELDS} | dict(minutes=10.0, hash="h", commit="c", run=1)
+    inpaint = dict(psnr_in_holes=9.25, cond_acc=0.5, mean_fill_psnr_in_holes=10.75)
+    inpaint |= dict(mean_fill_cond_acc=0.625, mean_fill_fid=539.0)
+    rows = [
+        row | dict(family="ldm_inpaint") | inpaint,
+        row | dict(family="unit", l1=0.025, l1_source_as_output=0.125),
+        row | dict(family="pix2pix", l1=0.5),
+    ]
+    compare.report(rows, tmp_path)
+    md = (tmp_path / "compare.md").read_text()
+    assert "| ldm_inpaint | 10 | 0.5 |  | 9.25 |" in md
+    assert "| mean fill: psnr 10.75, digit acc 0.625, FID-CNN 539 |" in md
+    assert "| source as output: L1 0.125 |" in md and "| pix2pix | 10 |  | 0.5 |" in md
+    assert compare.baseline(row | dict(family="pix2pix")) == ""
