@@ -478,7 +478,8 @@ def plot(final: dict, mins: list, path: Path):
         ]
         if not pts:
             continue
-        style = dict(color=colours[(2 * i) % 20 + (2 * i) // 20], marker="osD^vP"[i % 6])
+        shade = colours[(2 * i) % 20 + (i >= 10)]  # the ten dark shades first, then the light
+        style = dict(color=shade, marker="osD^vP"[i % 6])
         a.plot(*zip(*pts), label=n, **style)
         end = final.get((n, mins[-1]))
         if end and "fid" in end:
