@@ -60,6 +60,7 @@ class Config(common.Config):
     map_layers: int = 8  # style: depth of the mapping network z -> w
     map_lr: float = 0.01  # style: the mapping network's learning-rate multiplier
     psi: float = 1.0  # style, --sample: truncation toward the mean w (1: none)
+    noise: bool = True  # style: per-pixel noise inputs (Sec. 3.2); --no-noise: scales frozen at 0
     at_least = dict(z_dim=1, fmap_max=1, mbstd_group=1, mixing=0, ema_kimg=0, map_layers=1)
     at_least |= dict(map_lr=1e-6, r1_gamma=0, r1_every=1)
     choices = dict(arch=("pro", "style", "style2"), loss=("wgan-gp", "logistic"))
@@ -279,7 +280,7 @@ class StyleGenerator(nn.Module):
     layer at sampling; the same toRGB and fade-in as ProGAN. demod: StyleGAN2's layers."""
 
     def __init__(self, z_dim=512, size=32, img_ch=3, fmap_base=8192, fmap_max=512, n_mlp=8,
-                 map_lr=0.01, demod=False):  # fmt: skip
+                 map_lr=0.01, demod=False, noise=True):  # fmt: skip
         super().__init__()
         c = [channels(r, fmap_base, fmap_max) for r in resolutions(size)]
         mlp = [EqualizedLinear(z_dim, z_dim, lr_mul=map_lr) for _ in range(n_mlp)]  # w_dim = z_dim
@@ -291,6 +292,7 @@ class StyleGenerator(nn.Module):
         )
         self.to_rgb = nn.ModuleList([EqualizedConv2d(ch, img_ch, 1, gain=1) for ch in c])
         self.register_buffer("w_avg", torch.zeros(z_dim))  # tracked mean of w, for truncation
+        [m.noise_scale.requires_grad_(noise) for m in self.modules() if isinstance(m, StyleLayer)]
 
     def map(self, z):
         w = pixel_norm(z)
@@ -474,7 +476,7 @@ def model_args(cfg: Config, ch: int) -> dict:
     z, fbase, fmax = (128, 256, 64) if cfg.tiny else (cfg.z_dim, cfg.fmap_base, cfg.fmap_max)
     net = dict(size=cfg.image_size, img_ch=ch, fmap_base=fbase, fmap_max=fmax)
     style = dict(n_mlp=cfg.map_layers, map_lr=cfg.map_lr, demod=cfg.arch == "style2")
-    G = dict(net, z_dim=z, **(style if cfg.arch != "pro" else {}))
+    G = dict(net, z_dim=z, **(dict(style, noise=cfg.noise) if cfg.arch != "pro" else {}))
     return {"G": G, "D": dict(net, group=cfg.mbstd_group)}
 
 

@@ -258,6 +258,29 @@ def test_style_truncation_and_noise():
     assert mixed.shape == (5, 1, 16, 16)
 
 
+def test_no_noise_holds_every_noise_scale_at_zero_through_training():
+    """noise=False (--no-noise): Adam steps on a loss that rewards noise leave every scale at 0 and
+    the image independent of the noise draw; noise=True: the same steps move the scales."""
+    for noise in (True, False):
+        torch.manual_seed(0)
+        G = P.StyleGenerator(z_dim=16, n_mlp=2, demod=True, noise=noise, **SMALL)
+        opt = torch.optim.Adam(G.parameters(), 1e-2)
+        z = torch.randn(4, 16)
+        for _ in range(3):
+            opt.zero_grad()
+            (-G(z, 16).var(0).mean()).backward()  # varied images pay: the noise would help
+            opt.step()
+        scales = [m.noise_scale for m in G.modules() if isinstance(m, P.StyleLayer)]
+        assert (
+            len(scales) == 6
+            and P.model_args(P.Config(arch="style2", noise=noise), 1)["G"]["noise"] == noise
+        )
+        assert all(s.abs().sum() > 0 for s in scales) == noise
+        assert all(s.abs().sum() == 0 for s in scales) == (not noise)
+        with torch.no_grad():
+            assert torch.equal(G(z, 16), G(z, 16)) == (not noise)
+
+
 def logs(out):
     return {r["step"]: r for r in map(json.loads, open(out / "log.jsonl"))}
 
