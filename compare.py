@@ -307,7 +307,9 @@ TR_COLS = ("cond_acc", "l1", "psnr", "mass_moved", "colour_acc", "thick_acc", "b
 
 
 def fmt(v) -> str:
-    return "" if v is None else f"{v:,.4g}" if isinstance(v, float) else f"{v:,}"
+    if v is None or isinstance(v, str):
+        return v or ""
+    return f"{v:,.4g}" if isinstance(v, float) else f"{v:,}"
 
 
 def baseline(r: dict) -> str:
@@ -331,32 +333,32 @@ def latest(rows: list) -> dict:
 
 
 def spread(rows: list) -> list:
-    """compare.md's lines on the run-to-run spread: each repeated line beside the first run's
-    line of the same family, minutes and hash, and the largest relative FID-CNN difference."""
+    """compare.md's lines on the run-to-run spread: every repeat of a line (same family, minutes
+    and hash) under the first run's, and the largest relative FID-CNN difference from it."""
     first = {(r["family"], r["minutes"], r["hash"]): r for r in rows if r.get("run", 1) == 1}
-    pairs = [
-        (first[k], r)
-        for r in rows
-        if r.get("run", 1) > 1 and (k := (r["family"], r["minutes"], r["hash"])) in first
-    ]
+    groups = {}  # (family, minutes, hash) -> [run 1's line, its repeats in the file's order]
+    for r in rows:
+        if r.get("run", 1) > 1 and (k := (r["family"], r["minutes"], r["hash"])) in first:
+            groups.setdefault(k, [first[k]]).append(r)
+    pairs = [(g[0], r) for g in groups.values() for r in g[1:]]
     if not pairs:
         return []
-    cols = ("fid", "precision", "recall", "train_img_s")
+    cols = ("fid", "precision", "recall", "train_img_s", "commit")
     lines = ["## Run-to-run spread", ""]
     lines += [
-        "The same rows measured again by `python compare.py --run 2 --families ...` (same "
-        "code, seeds and machine kind; the budget is wall time, so the steps differ):",
+        "The same rows measured again by `python compare.py --run N --families ...` (same "
+        "code, seeds and machine kind; the budget is wall time, so the steps differ; a later "
+        "commit is a later day, and the machine's speed differs between days):",
         "",
     ]
     lines += ["| family | minutes | run | " + " | ".join(NAMES.get(c, c) for c in cols) + " |"]
     lines += ["|---|---|---|" + "---|" * len(cols)]
-    for a, b in pairs:
-        for r in (a, b):
-            lines.append(
-                f"| {r['family']} | {fmt(r['minutes'])} | {r.get('run', 1)} | "
-                + " | ".join(fmt(r.get(c)) for c in cols)
-                + " |"
-            )
+    for r in (r for g in groups.values() for r in g):
+        lines.append(
+            f"| {r['family']} | {fmt(r['minutes'])} | {r.get('run', 1)} | "
+            + " | ".join(fmt(r.get(c)) for c in cols)
+            + " |"
+        )
     gap = lambda u, v: abs(u - v) / min(u, v)
     fids = [(a["minutes"], a["fid"], b["fid"]) for a, b in pairs if a.get("fid") and b.get("fid")]
     if fids:  # a translator's row may have no FID-CNN
@@ -367,7 +369,7 @@ def spread(rows: list) -> list:
         speed = max((gap(u, v) for u, v in ims if u and v), default=0.0)
         lines += [
             "",
-            f"Between two runs of a row, FID-CNN differs by up to {rel:.0%} ({last:.0%} at "
+            f"Between a run and its repeat, FID-CNN differs by up to {rel:.0%} ({last:.0%} at "
             f"{end:g} minutes) and training images/s by up to {speed:.0%}: a difference smaller "
             "than that between two rows of the table is not a result.",
         ]

@@ -125,14 +125,17 @@ def test_a_repeated_row_gives_the_spread_and_never_replaces_the_first_run(tmp_pa
         row | dict(fid=100.0, train_img_s=100.0),
         row | dict(fid=120.0, run=2, train_img_s=110.0),
         row | dict(fid=1.0, hash="x", run=2),
+        row | dict(fid=90.0, run=3, train_img_s=180.0, commit="d"),
     ]
     assert compare.latest(rows)[("dcgan", 10.0)]["fid"] == 100.0
     compare.report(rows, tmp_path)
     md = (tmp_path / "compare.md").read_text()
-    assert "| dcgan | 10 | 1 | 100 |" in md and "| dcgan | 10 | 2 | 120 |" in md
+    runs = [ln.split(" | ")[2] for ln in md.split("Run-to-run")[1].splitlines() if "dcgan" in ln]
+    assert runs == ["1", "2", "3"]  # run 1 once, each repeat under it
+    assert "| dcgan | 10 | 1 | 100 |" in md and "| dcgan | 10 | 3 | 90 |  |  | 180 | d |" in md
     assert compare.spread([row | dict(fid=None), row | dict(run=2)])[0] == "## Run-to-run spread"
     assert (
-        "differs by up to 20% (20% at 10 minutes) and training images/s by up to 10%" in md
+        "differs by up to 20% (20% at 10 minutes) and training images/s by up to 80%" in md
         and "| 1 |" not in md.split("Run-to-run")[0]
     )
     assert "dcgan: FID-CNN 100 (`c`)" in compare.readme_table(
