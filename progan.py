@@ -292,7 +292,8 @@ class StyleGenerator(nn.Module):
         )
         self.to_rgb = nn.ModuleList([EqualizedConv2d(ch, img_ch, 1, gain=1) for ch in c])
         self.register_buffer("w_avg", torch.zeros(z_dim))  # tracked mean of w, for truncation
-        [m.noise_scale.requires_grad_(noise) for m in self.modules() if isinstance(m, StyleLayer)]
+        for m in (m for m in self.modules() if isinstance(m, StyleLayer)):  # noise False: the
+            m.noise_scale.requires_grad_(noise)  # scales stay at their initial zero
 
     def map(self, z):
         w = pixel_norm(z)
@@ -494,8 +495,7 @@ def train(cfg: Config):
     args, batches = model_args(cfg, x.shape[1]), parse_batches(cfg.batch_sizes)
     G, D = build_g(cfg.arch, args["G"]).to(device), Discriminator(**args["D"]).to(device)
     kw = dict(betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device.type == "cuda")
-    opt_g = torch.optim.Adam(G.parameters(), cfg.lr, **kw)
-    opt_d = torch.optim.Adam(D.parameters(), cfg.lr, **kw)
+    opt_g, opt_d = (torch.optim.Adam(m.parameters(), cfg.lr, **kw) for m in (G, D))
     ema = common.EMA(G)  # its decay follows the batch: a half-life of --ema-kimg images
     if max(cfg.batch_size, *batches.values()) > len(x):
         common.die(f"a batch size is larger than the {len(x)} training images")
@@ -505,8 +505,10 @@ def train(cfg: Config):
     start, nimg, opt_res, opt_phase = 0, 0, 4, 0
     if cfg.resume:
         ck = common.resume(cfg, data, need=("G", "D", "opt_g", "opt_d", "ema", "nimg", "arch"))
-        if ck["arch"] != cfg.arch:
-            common.die(f"{cfg.out}/ckpt.pt was trained with --arch {ck['arch']}")
+        now, old = dict(args["G"], arch=cfg.arch), ck.get("model_args", args)["G"]
+        if (was := dict(now, **old, arch=ck["arch"])) != now:  # keys old lacks: taken as now's
+            diff = ", ".join(f"{k} {v}" for k, v in was.items() if v != now[k])
+            common.die(f"{cfg.out}/ckpt.pt was trained with {diff}: resume with its G flags")
         for k, m in dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d, ema=ema.module).items():
             common.load_state(m, ck[k], k)
         start, nimg, opt_res, opt_phase = ck["step"], ck["nimg"], ck["opt_res"], ck["opt_phase"]
@@ -604,8 +606,7 @@ def load_trained(cfg: Config):
     device, _ = common.setup(cfg)
     G = build_g(ck["arch"], ck["model_args"]["G"]).to(device)
     common.load_state(G, ck["ema"], "EMA generator")
-    c = ck["config"]
-    batches = parse_batches(c["batch_sizes"])
+    c, batches = ck["config"], parse_batches(ck["config"]["batch_sizes"])
     res, alpha, _, _ = phase(ck["nimg"], c["image_size"], c["phase_kimg"], batches, c["batch_size"])
     return G, ck, res, alpha, device
 
@@ -633,10 +634,9 @@ def sample(cfg: Config):
             n = 2 * (int(math.log2(res)) - 1)  # the same w on every layer
             noise = [v.repeat_interleave(10, 0) for v in G.noise(8, res, g, device)]
             frames = G.synthesis([G.truncate(w, cfg.psi)] * n, res, alpha, noise)
-            frames = frames.float().clamp(-1, 1)
     else:
         frames = generate(G, slerp(a, b, t).flatten(0, 1), res, alpha)
-    common.save_grid(frames, Path(cfg.out) / "interp.png", nrow=10)
+    common.save_grid(frames.float().clamp(-1, 1), Path(cfg.out) / "interp.png", nrow=10)
     side = res - 2 * crop  # MNIST's padding cropped away
     print(f"wrote {cfg.sample} samples, {side}x{side} from G at {res} px (alpha {alpha:.3f})")
 

@@ -347,7 +347,11 @@ def test_bad_input(fake_mnist, tmp_path, capsys):
     assert_dies(capsys, lambda: P.load_trained(cfg(sample=4)), "corrupted")
     small = dict(tiny=True, image_size=8, phase_kimg=0.016, batch_sizes="4:8,8:8", steps=2)
     P.train(cfg(**small, sample_every=0, threads=1))  # a pro checkpoint; resumed as style:
-    assert_dies(capsys, lambda: P.train(cfg(**small, arch="style", resume=True)), "--arch pro")
+    assert_dies(capsys, lambda: P.train(cfg(**small, arch="style", resume=True)), "arch pro")
+    P.train(cfg(**small, arch="style2", sample_every=0, threads=1))  # resumed with other G flags
+    again = lambda **k: lambda: P.train(cfg(**small, arch="style2", resume=True, **k))
+    assert_dies(capsys, again(noise=False), "trained with noise True")  # same shapes, another G
+    assert_dies(capsys, again(map_lr=0.1), "trained with map_lr 0.01")
     assert_dies(capsys, lambda: P.train(cfg(**small, batch_size=512)), "larger than")
 
 
